@@ -1,0 +1,674 @@
+//! The agent role (`ctrl-exec-agent`, `cea`, `ctrl-exec agent`).
+//!
+//! `serve` runs the mTLS listener on one thread: each connection is a task
+//! on a local executor (no thread or process per connection), bounded by
+//! `max_children`. The agent's whole state (config, allowlist, trusted map,
+//! revocation list, TLS context) is one immutable snapshot behind an `Rc`;
+//! SIGHUP builds a new snapshot and swaps it in, so connections already
+//! running keep the one they started with and nothing in flight is dropped.
+//! A reload that fails (a typo in agent.conf) keeps the old snapshot and says
+//! why. SIGTERM/SIGINT stop accepting and give running scripts
+//! `shutdown_grace` seconds to finish.
+
+use std::cell::{Cell, RefCell};
+use std::io::Read;
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use argh::FromArgs;
+use async_signal::{Signal, Signals};
+use ctrl_exec::allowlist::Allowlist;
+use ctrl_exec::audit;
+use ctrl_exec::bundle::Bundle;
+use ctrl_exec::config::{AGENT_CONF, AgentConfig};
+use ctrl_exec::error::{AppResult, EXIT_CONFIG, EXIT_FAIL, EXIT_OK, Fail};
+use ctrl_exec::server::{self, AgentState, Peer};
+use ctrl_exec::tls::TlsStream;
+use ctrl_exec::trust::{self, TrustedMap};
+use openssl::ssl::SslContext;
+use smol::stream::StreamExt;
+use smol::{Async, LocalExecutor, Timer};
+
+use super::common;
+
+#[derive(FromArgs)]
+/// ctrl-exec agent: serves allowlisted scripts to trusted dispatchers over mutual TLS.
+#[argh(help_triggers("-h", "--help"))]
+struct AgentCli {
+    #[argh(subcommand)]
+    verb: Option<Verb>,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum Verb {
+    Serve(Serve),
+    SelfCheck(SelfCheck),
+    PairingStatus(PairingStatus),
+    Paired(Paired),
+    InstallBundle(InstallBundle),
+}
+
+#[derive(FromArgs)]
+/// Run the mTLS listener (SIGHUP reloads, SIGTERM stops gracefully).
+#[argh(subcommand, name = "serve", help_triggers("-h", "--help"))]
+struct Serve {
+    /// agent.conf (default /etc/ctrl-exec-agent/agent.conf)
+    #[argh(option)]
+    config: Option<String>,
+    /// allowlist, overriding `allowlist` in agent.conf
+    #[argh(option)]
+    allowlist: Option<String>,
+    /// write audit lines to stderr instead of syslog
+    #[argh(switch)]
+    log_stderr: bool,
+}
+
+#[derive(FromArgs)]
+/// Check the configuration, allowlist, certificates and scripts offline;
+/// exits non-zero if any check fails.
+#[argh(subcommand, name = "self-check", help_triggers("-h", "--help"))]
+struct SelfCheck {
+    /// agent.conf (default /etc/ctrl-exec-agent/agent.conf)
+    #[argh(option)]
+    config: Option<String>,
+    /// allowlist, overriding `allowlist` in agent.conf
+    #[argh(option)]
+    allowlist: Option<String>,
+}
+
+#[derive(FromArgs)]
+/// Say whether this agent has an identity, and when it expires.
+#[argh(subcommand, name = "pairing-status", help_triggers("-h", "--help"))]
+struct PairingStatus {
+    /// agent.conf (default /etc/ctrl-exec-agent/agent.conf)
+    #[argh(option)]
+    config: Option<String>,
+}
+
+#[derive(FromArgs)]
+/// Exit 0 if certificate, key and CA files exist (for init scripts), else 1.
+#[argh(subcommand, name = "paired", help_triggers("-h", "--help"))]
+struct Paired {
+    /// agent.conf (default /etc/ctrl-exec-agent/agent.conf)
+    #[argh(option)]
+    config: Option<String>,
+}
+
+#[derive(FromArgs)]
+/// Unpack an enrolment bundle (from `ctrl-exec-ca enroll --bundle`) read on stdin.
+#[argh(subcommand, name = "install-bundle", help_triggers("-h", "--help"))]
+struct InstallBundle {
+    /// directory to install into (created if needed)
+    #[argh(option)]
+    dir: String,
+    /// replace an existing, different agent identity in --dir
+    #[argh(switch)]
+    force: bool,
+}
+
+/// Entry point of the agent role.
+pub fn main(invoked: &str, args: &[String]) -> AppResult {
+    let cli: AgentCli = common::parse(invoked, args)?;
+    match cli.verb {
+        None => {
+            let _ = common::parse::<AgentCli>(invoked, &["--help".into()]);
+            Ok(EXIT_OK)
+        }
+        Some(Verb::Serve(a)) => serve(a),
+        Some(Verb::SelfCheck(a)) => self_check(a),
+        Some(Verb::PairingStatus(a)) => pairing_status(a),
+        Some(Verb::Paired(a)) => Ok(match load_config(&a.config) {
+            Ok(cfg) if common::missing(&[&cfg.cert, &cfg.key, &cfg.ca]).is_empty() => EXIT_OK,
+            _ => EXIT_FAIL,
+        }),
+        Some(Verb::InstallBundle(a)) => install_bundle(a),
+    }
+}
+
+fn conf_path(flag: &Option<String>) -> PathBuf {
+    PathBuf::from(flag.as_deref().unwrap_or(AGENT_CONF))
+}
+
+fn load_config(flag: &Option<String>) -> Result<AgentConfig, Fail> {
+    let path = conf_path(flag);
+    AgentConfig::load(&path).map_err(|e| Fail::config(format!("configuration error: {e}")))
+}
+
+/// Everything the listener swaps on reload.
+struct Snapshot {
+    state: Rc<AgentState>,
+    tls: Rc<SslContext>,
+}
+
+fn config_warn(entry: &str, msg: &str) {
+    audit::warn("config-warn", &[("ENTRY", entry), ("MSG", msg)]);
+}
+
+/// Build a snapshot from the files on disk; log what was skipped.
+fn load_snapshot(cfg: AgentConfig, allowlist: &Option<String>) -> Result<Snapshot, Fail> {
+    let list_path = allowlist
+        .as_ref()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cfg.allowlist.clone());
+    let list = Allowlist::load(&list_path, &cfg.script_dirs).map_err(|e| {
+        Fail::config(format!(
+            "{e}\n(the allowlist is required: create it, even empty)"
+        ))
+    })?;
+    for w in &list.warnings {
+        config_warn("allowlist", w);
+    }
+    for s in list.scripts.values() {
+        if s.profile != "default" && !cfg.profiles.contains(&s.profile) {
+            return Err(Fail::config(format!(
+                "{}: script '{}' uses profile '{}', which {} does not define (add a [profile {}] section)",
+                list_path.display(),
+                s.name,
+                s.profile,
+                cfg.path.display(),
+                s.profile
+            )));
+        }
+    }
+    if let Some(h) = &cfg.auth_hook
+        && !ctrl_exec::fsutil::is_executable(h)
+    {
+        return Err(Fail::config(format!(
+            "{}: auth_hook {} does not exist or is not executable",
+            cfg.path.display(),
+            h.display()
+        )));
+    }
+    let trusted = TrustedMap::load(&cfg.trusted_dispatchers_path).map_err(|e| {
+        Fail::config(format!(
+            "cannot read {}: {e}",
+            cfg.trusted_dispatchers_path.display()
+        ))
+    })?;
+    for w in &trusted.warnings {
+        config_warn("trusted-dispatchers", w);
+    }
+    let revoked = trust::load_revoked(&cfg.revoked_serials).map_err(|e| {
+        Fail::config(format!(
+            "cannot read {}: {e}",
+            cfg.revoked_serials.display()
+        ))
+    })?;
+    if !revoked.present {
+        audit::info(
+            "revoked-serials-absent",
+            &[
+                ("PATH", &cfg.revoked_serials.display().to_string()),
+                ("REASON", "file not found; nothing is revoked"),
+            ],
+        );
+    }
+    for w in &revoked.warnings {
+        config_warn("revoked-serials", w);
+    }
+    let tls = ctrl_exec::tls::server_context(&cfg.cert, &cfg.key, &cfg.ca)
+        .map_err(|e| Fail::config(format!("cannot set up TLS: {e}")))?;
+    let state = AgentState {
+        host: cfg
+            .hostname
+            .clone()
+            .unwrap_or_else(ctrl_exec::config::host_name),
+        expiry: server::cert_expiry(&cfg.cert),
+        allowlist: list,
+        trusted: trusted.value,
+        revoked: revoked.value,
+        config: cfg,
+    };
+    Ok(Snapshot {
+        state: Rc::new(state),
+        tls: Rc::new(tls),
+    })
+}
+
+fn not_paired(cfg: &AgentConfig) -> Option<String> {
+    let missing = common::missing(&[&cfg.cert, &cfg.key, &cfg.ca]);
+    (!missing.is_empty()).then(|| {
+        format!(
+            "not paired yet: missing {}\nOn the dispatcher: ctrl-exec-ca enroll <name> --ip <addr> --bundle > bundle.txt\nHere:            ctrl-exec-agent install-bundle --dir {} < bundle.txt",
+            missing.join(", "),
+            cfg.path.parent().map(|p| p.display().to_string()).unwrap_or_else(|| ".".into())
+        )
+    })
+}
+
+fn serve(a: Serve) -> AppResult {
+    let cfg = load_config(&a.config)?;
+    common::init_audit("ctrl-exec-agent", &cfg.log, a.log_stderr);
+    if let Some(msg) = not_paired(&cfg) {
+        return Err(Fail::config(msg));
+    }
+    let addr = SocketAddr::new(
+        cfg.bind
+            .parse::<IpAddr>()
+            .unwrap_or(IpAddr::from([0, 0, 0, 0])),
+        cfg.port,
+    );
+    let snap = load_snapshot(cfg, &a.allowlist)?;
+    let listener = TcpListener::bind(addr)
+        .and_then(Async::new)
+        .map_err(|e| Fail::new(format!("cannot listen on {addr}: {e}")))?;
+    let port = listener
+        .get_ref()
+        .local_addr()
+        .map(|a| a.port())
+        .unwrap_or(addr.port());
+    let signals = Signals::new([Signal::Hup, Signal::Term, Signal::Int])
+        .map_err(|e| Fail::new(format!("cannot install signal handlers: {e}")))?;
+    audit::info(
+        "start",
+        &[
+            ("PORT", &port.to_string()),
+            ("BIND", &addr.ip().to_string()),
+            ("VERSION", ctrl_exec::VERSION),
+        ],
+    );
+    let ex = LocalExecutor::new();
+    smol::block_on(ex.run(accept_loop(&ex, listener, signals, snap, a)));
+    Ok(EXIT_OK)
+}
+
+/// Decrements the live-connection count when a connection task ends.
+struct Live(Rc<Cell<usize>>);
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
+}
+
+enum Event {
+    Conn(std::io::Result<(Async<TcpStream>, SocketAddr)>),
+    Signal(Option<std::io::Result<Signal>>),
+}
+
+async fn accept_loop(
+    ex: &LocalExecutor<'_>,
+    listener: Async<TcpListener>,
+    mut signals: Signals,
+    snap: Snapshot,
+    a: Serve,
+) {
+    let current = RefCell::new(snap);
+    let live = Rc::new(Cell::new(0usize));
+    let rejecting = Rc::new(Cell::new(0usize));
+    loop {
+        let ev = smol::future::or(async { Event::Conn(listener.accept().await) }, async {
+            Event::Signal(signals.next().await)
+        })
+        .await;
+        match ev {
+            Event::Conn(Ok((tcp, addr))) => {
+                let (state, tls) = {
+                    let c = current.borrow();
+                    (c.state.clone(), c.tls.clone())
+                };
+                if live.get() >= state.config.max_children {
+                    // Answer 503 when we can afford the handshake; beyond that, just close.
+                    if rejecting.get() < 32 {
+                        rejecting.set(rejecting.get() + 1);
+                        let guard = Live(rejecting.clone());
+                        let n = live.get();
+                        ex.spawn(async move {
+                            let _g = guard;
+                            reject_busy(tcp, addr, &tls, n).await;
+                        })
+                        .detach();
+                    }
+                    continue;
+                }
+                live.set(live.get() + 1);
+                let guard = Live(live.clone());
+                ex.spawn(async move {
+                    let _g = guard;
+                    connection(tcp, addr, &tls, &state).await;
+                })
+                .detach();
+            }
+            Event::Conn(Err(e)) => {
+                // Out of descriptors or an aborted connection: wait and go on.
+                audit::err(
+                    "accept-error",
+                    &[("PEER", "unknown"), ("REASON", &e.to_string())],
+                );
+                Timer::after(Duration::from_millis(100)).await;
+            }
+            Event::Signal(Some(Ok(Signal::Hup))) => {
+                let running = current.borrow().state.config.clone();
+                match AgentConfig::load(&running.path)
+                    .map_err(|e| Fail::config(e.to_string()))
+                    .and_then(|cfg| load_snapshot(cfg, &a.allowlist))
+                {
+                    Ok(next) => {
+                        let c = &next.state.config;
+                        if c.port != running.port || c.bind != running.bind {
+                            audit::warn(
+                                "reload-warn",
+                                &[(
+                                    "MSG",
+                                    "port and bind changes take effect at the next restart",
+                                )],
+                            );
+                        }
+                        let s = &next.state;
+                        audit::info(
+                            "reload",
+                            &[
+                                ("SCRIPTS", &s.allowlist.scripts.len().to_string()),
+                                ("TRUSTED", &s.trusted.0.len().to_string()),
+                                ("REVOKED", &s.revoked.len().to_string()),
+                                ("LIVE", &live.get().to_string()),
+                            ],
+                        );
+                        *current.borrow_mut() = next;
+                    }
+                    Err(f) => audit::err(
+                        "reload-fail",
+                        &[
+                            ("ERROR", &f.msg),
+                            ("RESULT", "kept the running configuration"),
+                        ],
+                    ),
+                }
+            }
+            Event::Signal(_) => break,
+        }
+    }
+    drop(listener);
+    let grace = current.borrow().state.config.shutdown_grace;
+    audit::info(
+        "stop",
+        &[
+            ("LIVE", &live.get().to_string()),
+            ("GRACE", &grace.as_secs().to_string()),
+        ],
+    );
+    let deadline = Instant::now() + grace;
+    while live.get() > 0 && Instant::now() < deadline {
+        Timer::after(Duration::from_millis(50)).await;
+    }
+    if live.get() > 0 {
+        audit::warn("stop-forced", &[("LIVE", &live.get().to_string())]);
+    }
+}
+
+fn peer_ip(addr: &SocketAddr) -> IpAddr {
+    match addr.ip() {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+async fn handshake(
+    tcp: Async<TcpStream>,
+    addr: &SocketAddr,
+    tls: &SslContext,
+    limit: Duration,
+) -> Option<TlsStream> {
+    let _ = tcp.get_ref().set_nodelay(true);
+    let ip = peer_ip(addr).to_string();
+    match ctrl_exec::time::timeout(limit, TlsStream::accept(tls, tcp)).await {
+        Some(Ok(s)) => Some(s),
+        Some(Err(e)) => {
+            audit::warn("tls-failure", &[("PEER", &ip), ("REASON", &e.0)]);
+            None
+        }
+        None => {
+            audit::warn(
+                "tls-failure",
+                &[("PEER", &ip), ("REASON", "handshake timed out")],
+            );
+            None
+        }
+    }
+}
+
+async fn connection(tcp: Async<TcpStream>, addr: SocketAddr, tls: &SslContext, state: &AgentState) {
+    let Some(mut s) = handshake(tcp, &addr, tls, state.config.request_timeout).await else {
+        return;
+    };
+    let peer = Peer::new(peer_ip(&addr), s.peer_serial_raw());
+    server::handle(&mut s, &peer, state).await;
+    s.close(Duration::from_millis(500)).await;
+}
+
+async fn reject_busy(tcp: Async<TcpStream>, addr: SocketAddr, tls: &SslContext, live: usize) {
+    audit::warn(
+        "overload",
+        &[
+            ("PEER", &peer_ip(&addr).to_string()),
+            ("LIVE", &live.to_string()),
+        ],
+    );
+    let Some(mut s) = handshake(tcp, &addr, tls, Duration::from_secs(5)).await else {
+        return;
+    };
+    let r = server::busy_reply();
+    let _ = ctrl_exec::http::write_response(&mut s, r.code, &r.body).await;
+    s.close(Duration::from_millis(200)).await;
+}
+
+fn self_check(a: SelfCheck) -> AppResult {
+    let cfg = load_config(&a.config)?;
+    common::init_audit(
+        "ctrl-exec-agent",
+        &ctrl_exec::config::LogTarget::Stderr,
+        true,
+    );
+    let mut failed = 0usize;
+    let mut total = 0usize;
+    let mut check = |ok: bool, what: String| {
+        total += 1;
+        if !ok {
+            failed += 1;
+        }
+        println!("  [{}] {what}", if ok { "ok  " } else { "FAIL" });
+    };
+    check(
+        true,
+        format!(
+            "config {} (port {}, bind {})",
+            cfg.path.display(),
+            cfg.port,
+            cfg.bind
+        ),
+    );
+    let list_path = a
+        .allowlist
+        .as_ref()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cfg.allowlist.clone());
+    match Allowlist::load(&list_path, &cfg.script_dirs) {
+        Ok(list) => {
+            check(
+                list.warnings.is_empty(),
+                format!(
+                    "allowlist {}: {} script(s), {} skipped or doubtful line(s)",
+                    list_path.display(),
+                    list.scripts.len(),
+                    list.warnings.len()
+                ),
+            );
+            for w in &list.warnings {
+                println!("         {w}");
+            }
+            for s in list.scripts.values() {
+                let exec = ctrl_exec::fsutil::is_executable(&s.path);
+                let profile_ok = s.profile == "default" || cfg.profiles.contains(&s.profile);
+                let detail = match (exec, profile_ok) {
+                    (false, _) => "NOT EXECUTABLE".to_string(),
+                    (true, false) => {
+                        format!("profile '{}' is not defined in agent.conf", s.profile)
+                    }
+                    (true, true) => "executable".to_string(),
+                };
+                check(
+                    exec && profile_ok,
+                    format!("script {} -> {} ({detail})", s.name, s.path.display()),
+                );
+            }
+        }
+        Err(e) => check(false, format!("allowlist: {e}")),
+    }
+    match not_paired(&cfg) {
+        Some(msg) => check(false, msg.lines().next().unwrap_or("").to_string()),
+        None => match ctrl_exec::ca::load_cert(&cfg.cert) {
+            Ok(cert) => {
+                let exp = ctrl_exec::ca::not_after(&cert);
+                let left = ctrl_exec::time::parse_openssl_date(&exp)
+                    .map(|t| (t - ctrl_exec::time::unix_now()) / 86_400);
+                check(
+                    left.is_some_and(|d| d >= 0),
+                    format!(
+                        "certificate {} (serial {}, expires {exp})",
+                        cfg.cert.display(),
+                        ctrl_exec::ca::cert_serial(&cert)
+                    ),
+                );
+                match ctrl_exec::ca::load_cert(&cfg.ca) {
+                    Ok(ca) => check(
+                        ctrl_exec::ca::verifies_against(&cert, &ca),
+                        format!("certificate is signed by the CA in {}", cfg.ca.display()),
+                    ),
+                    Err(e) => check(false, e.to_string()),
+                }
+                match ctrl_exec::tls::server_context(&cfg.cert, &cfg.key, &cfg.ca) {
+                    Ok(_) => check(true, "key matches certificate; TLS context builds".into()),
+                    Err(e) => check(false, format!("TLS: {e}")),
+                }
+            }
+            Err(e) => check(false, e.to_string()),
+        },
+    }
+    match TrustedMap::load(&cfg.trusted_dispatchers_path) {
+        Ok(t) => {
+            let list: Vec<String> = t
+                .value
+                .0
+                .iter()
+                .map(|(s, id)| format!("{s} -> {id}"))
+                .collect();
+            check(
+                !t.value.0.is_empty(),
+                format!(
+                    "trusted dispatchers {}: {}",
+                    cfg.trusted_dispatchers_path.display(),
+                    if list.is_empty() {
+                        "none (every request will be refused)".into()
+                    } else {
+                        list.join(", ")
+                    }
+                ),
+            );
+        }
+        Err(e) => check(
+            false,
+            format!(
+                "trusted dispatchers {}: {e}",
+                cfg.trusted_dispatchers_path.display()
+            ),
+        ),
+    }
+    match trust::load_revoked(&cfg.revoked_serials) {
+        Ok(r) if !r.present => check(
+            true,
+            format!(
+                "revocation list {}: absent (nothing revoked)",
+                cfg.revoked_serials.display()
+            ),
+        ),
+        Ok(r) => check(
+            r.warnings.is_empty(),
+            format!(
+                "revocation list {}: {} serial(s), {} bad line(s)",
+                cfg.revoked_serials.display(),
+                r.value.len(),
+                r.warnings.len()
+            ),
+        ),
+        Err(e) => check(
+            false,
+            format!("revocation list {}: {e}", cfg.revoked_serials.display()),
+        ),
+    }
+    match &cfg.auth_hook {
+        None => check(true, "auth hook: none".into()),
+        Some(h) => check(
+            ctrl_exec::fsutil::is_executable(h),
+            format!("auth hook {}", h.display()),
+        ),
+    }
+    if failed == 0 {
+        println!("self-check: all {total} checks passed");
+        Ok(EXIT_OK)
+    } else {
+        println!("self-check: {failed} of {total} checks FAILED");
+        Ok(EXIT_FAIL)
+    }
+}
+
+fn pairing_status(a: PairingStatus) -> AppResult {
+    let cfg = match load_config(&a.config) {
+        Ok(c) => c,
+        Err(f) => {
+            println!("Not paired. Reason: {}", f.msg);
+            return Ok(if f.code == EXIT_CONFIG {
+                EXIT_FAIL
+            } else {
+                f.code
+            });
+        }
+    };
+    let missing = common::missing(&[&cfg.cert, &cfg.key, &cfg.ca]);
+    if !missing.is_empty() {
+        println!("Not paired. Reason: missing file {}", missing.join(", "));
+        return Ok(EXIT_FAIL);
+    }
+    match ctrl_exec::ca::load_cert(&cfg.cert) {
+        Ok(c) => {
+            println!(
+                "Paired. Certificate expires: {}",
+                ctrl_exec::ca::not_after(&c)
+            );
+            Ok(EXIT_OK)
+        }
+        Err(e) => {
+            println!("Not paired. Reason: cannot parse cert: {e}");
+            Ok(EXIT_FAIL)
+        }
+    }
+}
+
+fn install_bundle(a: InstallBundle) -> AppResult {
+    let mut text = String::new();
+    std::io::stdin()
+        .take(4 << 20)
+        .read_to_string(&mut text)
+        .map_err(|e| Fail::new(format!("cannot read the bundle from stdin: {e}")))?;
+    let b = Bundle::parse(&text)?;
+    let dir = Path::new(&a.dir);
+    for line in b.install(dir, a.force)? {
+        println!("  {line}");
+    }
+    println!(
+        "Installed the identity of '{}' in {}.",
+        b.name,
+        dir.display()
+    );
+    println!(
+        "Add scripts to {}/scripts.conf, then start: ctrl-exec-agent serve --config {}/agent.conf",
+        dir.display(),
+        dir.display()
+    );
+    Ok(EXIT_OK)
+}

@@ -1,0 +1,370 @@
+//! The enrolment bundle: an agent's identity as one text-safe stream.
+//!
+//! `ctrl-exec-ca enroll --bundle` prints it; `ctrl-exec-agent install-bundle`
+//! reads it on stdin. It is meant to survive a serial console or a copy and
+//! paste: ASCII only, lines of at most 76 characters, anything before the
+//! BEGIN line and after the END line is ignored (console noise), line ends
+//! and trailing blanks do not matter, and a SHA-256 over the content detects
+//! truncation or corruption, in which case nothing at all is installed.
+//!
+//! ```text
+//! -----BEGIN CTRL-EXEC AGENT BUNDLE-----
+//! Version: 1
+//! Name: web1
+//! Port: 7443
+//! Bind: 0.0.0.0
+//! File: agent.key 600 3272
+//! <base64, 76 columns>
+//! File: …
+//! Sha256: <hex over every trimmed line above, joined by \n>
+//! -----END CTRL-EXEC AGENT BUNDLE-----
+//! ```
+//!
+//! Installing is idempotent: the same bundle installed twice gives the same
+//! files; a bundle carrying a *different* key is refused unless forced, and
+//! `agent.conf` / `scripts.conf` are written only when absent so an
+//! operator's edits survive a re-install.
+
+use std::fmt;
+use std::path::Path;
+
+use crate::fsutil;
+
+const BEGIN: &str = "-----BEGIN CTRL-EXEC AGENT BUNDLE-----";
+const END: &str = "-----END CTRL-EXEC AGENT BUNDLE-----";
+
+/// Files a bundle may carry, with their modes.
+pub const FILES: [(&str, u32); 4] = [
+    ("agent.key", 0o600),
+    ("agent.crt", 0o644),
+    ("ca.crt", 0o644),
+    ("ctrl-exec-dispatchers", 0o644),
+];
+
+/// A bundle problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleError(pub String);
+
+impl fmt::Display for BundleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BundleError {}
+
+impl From<BundleError> for crate::error::Fail {
+    fn from(e: BundleError) -> Self {
+        crate::error::Fail::new(e.0)
+    }
+}
+
+/// An agent identity in transit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bundle {
+    /// Agent name (registry name; reported host name).
+    pub name: String,
+    /// Listen port.
+    pub port: u16,
+    /// Listen address.
+    pub bind: String,
+    /// `(file name, content)` for each of [`FILES`].
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
+fn mode_of(name: &str) -> Option<u32> {
+    FILES.iter().find(|(n, _)| *n == name).map(|(_, m)| *m)
+}
+
+impl Bundle {
+    /// The text form.
+    pub fn render(&self) -> String {
+        let mut lines = vec![
+            "Version: 1".to_string(),
+            format!("Name: {}", self.name),
+            format!("Port: {}", self.port),
+            format!("Bind: {}", self.bind),
+        ];
+        for (name, data) in &self.files {
+            lines.push(format!(
+                "File: {name} {:o} {}",
+                mode_of(name).unwrap_or(0o600),
+                data.len()
+            ));
+            let b64 = openssl::base64::encode_block(data);
+            for chunk in b64.as_bytes().chunks(76) {
+                lines.push(String::from_utf8_lossy(chunk).into_owned());
+            }
+        }
+        let sum = crate::wire::hex(&openssl::sha::sha256(lines.join("\n").as_bytes()));
+        format!("{BEGIN}\n{}\nSha256: {sum}\n{END}\n", lines.join("\n"))
+    }
+
+    /// Parse the text form (surrounding noise allowed).
+    pub fn parse(text: &str) -> Result<Bundle, BundleError> {
+        let e = |m: &str| BundleError(m.to_string());
+        let mut lines = text.lines().map(|l| l.trim());
+        if !lines.by_ref().any(|l| l.ends_with(BEGIN)) {
+            return Err(e(
+                "no bundle found: expected a line '-----BEGIN CTRL-EXEC AGENT BUNDLE-----'",
+            ));
+        }
+        let mut body = Vec::new();
+        let mut sum = None;
+        for l in lines.by_ref() {
+            if l.starts_with(END) {
+                break;
+            }
+            if let Some(s) = l.strip_prefix("Sha256:") {
+                sum = Some(s.trim().to_ascii_lowercase());
+            } else if !l.is_empty() {
+                body.push(l);
+            }
+        }
+        let Some(sum) = sum else {
+            return Err(e(
+                "bundle is incomplete (no Sha256 line): it was cut off in transit; send it again",
+            ));
+        };
+        if crate::wire::hex(&openssl::sha::sha256(body.join("\n").as_bytes())) != sum {
+            return Err(e(
+                "bundle is damaged (checksum mismatch): send it again; nothing was installed",
+            ));
+        }
+        let mut name = None;
+        let mut port = None;
+        let mut bind = "0.0.0.0".to_string();
+        let mut files: Vec<(String, usize, String)> = Vec::new();
+        for l in body {
+            if let Some(v) = l.strip_prefix("Name:") {
+                name = Some(v.trim().to_string());
+            } else if let Some(v) = l.strip_prefix("Port:") {
+                port = v.trim().parse::<u16>().ok();
+            } else if let Some(v) = l.strip_prefix("Bind:") {
+                bind = v.trim().to_string();
+            } else if let Some(v) = l.strip_prefix("File:") {
+                let mut it = v.split_whitespace();
+                let (Some(n), Some(_mode), Some(len)) =
+                    (it.next(), it.next(), it.next().and_then(|s| s.parse().ok()))
+                else {
+                    return Err(e("malformed File line in bundle"));
+                };
+                if mode_of(n).is_none() {
+                    return Err(BundleError(format!(
+                        "bundle carries an unexpected file '{n}'"
+                    )));
+                }
+                files.push((n.to_string(), len, String::new()));
+            } else if l.starts_with("Version:") {
+                if l != "Version: 1" {
+                    return Err(e(
+                        "bundle version not supported by this ctrl-exec; upgrade the agent",
+                    ));
+                }
+            } else if let Some(f) = files.last_mut() {
+                f.2.push_str(l);
+            }
+        }
+        let name = name
+            .filter(|n| crate::wire::valid_agent_name(n))
+            .ok_or_else(|| e("bundle has no valid Name"))?;
+        let port = port.ok_or_else(|| e("bundle has no valid Port"))?;
+        let mut out = Vec::new();
+        for (n, len, b64) in files {
+            let data = openssl::base64::decode_block(&b64)
+                .map_err(|_| BundleError(format!("file '{n}' is not valid base64")))?;
+            if data.len() != len {
+                return Err(BundleError(format!(
+                    "file '{n}' has {} bytes, expected {len}",
+                    data.len()
+                )));
+            }
+            out.push((n, data));
+        }
+        for (n, _) in FILES {
+            if !out.iter().any(|(f, _)| f == n) {
+                return Err(BundleError(format!("bundle lacks {n}")));
+            }
+        }
+        Ok(Bundle {
+            name,
+            port,
+            bind,
+            files: out,
+        })
+    }
+
+    fn file(&self, name: &str) -> &[u8] {
+        self.files
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, d)| d.as_slice())
+            .unwrap_or(&[])
+    }
+
+    /// Write the identity into `dir`. Returns one line per file for the operator.
+    pub fn install(&self, dir: &Path, force: bool) -> Result<Vec<String>, BundleError> {
+        let fs_err = |e: fsutil::FsError| BundleError(e.to_string());
+        fsutil::ensure_dir(dir, 0o750).map_err(fs_err)?;
+        let key_path = dir.join("agent.key");
+        if let Ok(existing) = std::fs::read(&key_path)
+            && existing != self.file("agent.key")
+            && !force
+        {
+            return Err(BundleError(format!(
+                "{} already holds a different key: this directory belongs to another agent identity (use --force to replace it)",
+                key_path.display()
+            )));
+        }
+        let mut report = Vec::new();
+        // Key first, certificate last: a crash in between leaves a state the
+        // agent refuses to serve with (key/cert mismatch), and re-running the
+        // install finishes it.
+        for name in ["agent.key", "ca.crt", "ctrl-exec-dispatchers", "agent.crt"] {
+            let p = dir.join(name);
+            let data = self.file(name);
+            if std::fs::read(&p).is_ok_and(|d| d == data) && fsutil::mode_of(&p) == mode_of(name) {
+                report.push(format!("unchanged {}", p.display()));
+                continue;
+            }
+            fsutil::atomic_write(&p, data, mode_of(name).unwrap_or(0o600)).map_err(fs_err)?;
+            report.push(format!("wrote     {}", p.display()));
+        }
+        for (name, text, mode) in [
+            (
+                "agent.conf",
+                agent_conf(&self.name, self.port, &self.bind),
+                0o640,
+            ),
+            ("scripts.conf", SCRIPTS_TEMPLATE.to_string(), 0o640),
+        ] {
+            let p = dir.join(name);
+            if p.exists() {
+                report.push(format!("kept      {} (already present)", p.display()));
+            } else {
+                fsutil::atomic_write(&p, text.as_bytes(), mode).map_err(fs_err)?;
+                report.push(format!("wrote     {}", p.display()));
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// A ready `agent.conf` whose paths are relative to its own directory, so the
+/// directory can be moved or copied as a whole.
+pub fn agent_conf(name: &str, port: u16, bind: &str) -> String {
+    format!(
+        "# ctrl-exec agent configuration for '{name}', written at enrolment.\n\
+         # Relative paths are relative to this file's directory.\n\
+         port = {port}\n\
+         bind = {bind}\n\
+         hostname = {name}\n\
+         cert = agent.crt\n\
+         key = agent.key\n\
+         ca = ca.crt\n\
+         allowlist = scripts.conf\n\
+         trusted_dispatchers_path = ctrl-exec-dispatchers\n\
+         revoked_serials = revoked-serials\n\
+         cert_staging_path = agent.crt.staged\n\
+         async_runs_dir = runs\n\
+         # max_output = 1048576\n\
+         # auth_hook = /etc/ctrl-exec-agent/auth-hook\n\
+         # script_dirs = /opt/ctrl-exec-scripts\n"
+    )
+}
+
+/// The allowlist written at enrolment: empty, with the syntax explained.
+pub const SCRIPTS_TEMPLATE: &str = "# ctrl-exec allowlist: <name> = <absolute path> [timeout=<seconds>]\n\
+# Only scripts named here can run. Arguments reach the script as argv,\n\
+# never through a shell. Reload with SIGHUP after editing.\n\
+# disk-usage = /opt/ctrl-exec-scripts/disk-usage.sh timeout=30\n";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Bundle {
+        Bundle {
+            name: "web1".into(),
+            port: 7443,
+            bind: "0.0.0.0".into(),
+            files: FILES
+                .iter()
+                .map(|(n, _)| {
+                    (
+                        n.to_string(),
+                        format!("{n} content\n").repeat(40).into_bytes(),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn round_trip_through_a_noisy_console() {
+        let b = sample();
+        let text = b.render();
+        assert!(text.lines().all(|l| l.len() <= 76 && l.is_ascii()));
+        let noisy = format!(
+            "login: root\r\n# {}\r\ntrailing junk\n",
+            text.replace('\n', "  \r\n")
+        );
+        assert_eq!(Bundle::parse(&noisy).unwrap(), b);
+    }
+
+    #[test]
+    fn damage_is_detected() {
+        let text = sample().render();
+        let lines: Vec<&str> = text.lines().collect();
+        // drop a line in the middle
+        let cut: String = lines
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != 8)
+            .map(|(_, l)| format!("{l}\n"))
+            .collect();
+        assert!(Bundle::parse(&cut).unwrap_err().0.contains("checksum"));
+        // cut off before the end
+        let short: String = lines[..lines.len() - 3]
+            .iter()
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(Bundle::parse(&short).unwrap_err().0.contains("incomplete"));
+        // a flipped character
+        let flipped = text.replacen("Port: 7443", "Port: 7444", 1);
+        assert!(Bundle::parse(&flipped).is_err());
+        assert!(Bundle::parse("hello").is_err());
+    }
+
+    #[test]
+    fn install_is_idempotent_and_guards_identity() {
+        let d = tempfile::tempdir().unwrap();
+        let b = sample();
+        b.install(d.path(), false).unwrap();
+        assert_eq!(fsutil::mode_of(&d.path().join("agent.key")), Some(0o600));
+        std::fs::write(d.path().join("scripts.conf"), "mine = /bin/true\n").unwrap();
+        let again = b.install(d.path(), false).unwrap();
+        assert!(
+            again.iter().filter(|l| l.starts_with("unchanged")).count() == 4,
+            "{again:?}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("scripts.conf")).unwrap(),
+            "mine = /bin/true\n"
+        );
+        let mut other = sample();
+        other.files[0].1 = b"another key".to_vec();
+        assert!(
+            other
+                .install(d.path(), false)
+                .unwrap_err()
+                .0
+                .contains("different key")
+        );
+        other.install(d.path(), true).unwrap();
+        assert_eq!(
+            std::fs::read(d.path().join("agent.key")).unwrap(),
+            b"another key"
+        );
+    }
+}

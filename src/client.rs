@@ -1,0 +1,188 @@
+//! The dispatcher's side of one exchange with one agent.
+//!
+//! [`connect`] opens TCP and runs the mTLS handshake; [`exchange`] writes one
+//! request and reads one response over any connected stream. They are
+//! separate so that a later reverse mode (the agent dials out, the dispatcher
+//! serves requests over that stream) reuses [`exchange`] unchanged.
+//! Transport failures become [`CallError`]s that say what an operator should
+//! check, in upstream's words.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::time::Duration;
+
+use openssl::ssl::SslContext;
+use smol::Async;
+
+use crate::http::{self, HttpError, Response};
+use crate::tls::TlsStream;
+
+/// Where to reach one agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Registry name (results are keyed by it).
+    pub name: String,
+    /// Name or address to connect to.
+    pub addr: String,
+    /// Port.
+    pub port: u16,
+}
+
+impl Target {
+    /// `addr:port` for logs (`TARGET=`).
+    pub fn display(&self) -> String {
+        if self.addr.contains(':') {
+            format!("[{}]:{}", self.addr, self.port)
+        } else {
+            format!("{}:{}", self.addr, self.port)
+        }
+    }
+}
+
+/// Time limits of one exchange.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// TCP connect plus TLS handshake.
+    pub connect: Duration,
+    /// Waiting for the agent's reply once the request is on its way.
+    pub read: Duration,
+}
+
+/// Why an exchange failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallError {
+    /// The name did not resolve.
+    Resolve,
+    /// Connection refused.
+    Refused,
+    /// No route to the host.
+    Unreachable,
+    /// Connect (or handshake) took too long.
+    ConnectTimeout,
+    /// The handshake failed.
+    Tls(String),
+    /// The reply did not come in time.
+    ReadTimeout(u64),
+    /// The connection broke.
+    Io(String),
+}
+
+impl CallError {
+    /// Operator text for this failure against `t`.
+    pub fn describe(&self, t: &Target) -> String {
+        let n = &t.name;
+        match self {
+            CallError::Resolve => {
+                format!("host '{n}' did not resolve - check the name or use an IP address")
+            }
+            CallError::Refused => format!(
+                "host '{n}' did not respond on port {} - connection refused (agent not running, or wrong port?)",
+                t.port
+            ),
+            CallError::Unreachable => {
+                format!("host '{n}' is unreachable - no route to host or network down")
+            }
+            CallError::ConnectTimeout => {
+                format!("host '{n}' did not respond - connection timed out")
+            }
+            CallError::Tls(why) => {
+                format!("TLS handshake with '{n}' failed - certificate or trust mismatch ({why})")
+            }
+            CallError::ReadTimeout(s) => format!("read timeout after {s}s"),
+            CallError::Io(e) => format!("connection to '{n}' failed: {e}"),
+        }
+    }
+}
+
+fn classify(e: &io::Error) -> CallError {
+    match e.raw_os_error() {
+        Some(libc::ECONNREFUSED) => CallError::Refused,
+        Some(libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN | libc::ENETDOWN) => {
+            CallError::Unreachable
+        }
+        Some(libc::ETIMEDOUT) => CallError::ConnectTimeout,
+        _ => CallError::Io(e.to_string()),
+    }
+}
+
+async fn addresses(t: &Target) -> Result<Vec<SocketAddr>, CallError> {
+    if let Ok(ip) = t
+        .addr
+        .trim_matches(|c| c == '[' || c == ']')
+        .parse::<IpAddr>()
+    {
+        return Ok(vec![SocketAddr::new(ip, t.port)]);
+    }
+    // getaddrinfo blocks: smol runs it on its small blocking pool.
+    match smol::net::resolve((t.addr.as_str(), t.port)).await {
+        Ok(v) if !v.is_empty() => Ok(v),
+        _ => Err(CallError::Resolve),
+    }
+}
+
+/// Connect and complete the mTLS handshake.
+pub async fn connect(
+    ctx: &SslContext,
+    t: &Target,
+    timeout: Duration,
+) -> Result<TlsStream, CallError> {
+    let attempt = async {
+        let mut last = CallError::Resolve;
+        for addr in addresses(t).await? {
+            match Async::<TcpStream>::connect(addr).await {
+                Ok(tcp) => {
+                    let _ = tcp.get_ref().set_nodelay(true);
+                    return TlsStream::connect(ctx, tcp)
+                        .await
+                        .map_err(|e| CallError::Tls(e.0));
+                }
+                Err(e) => last = classify(&e),
+            }
+        }
+        Err(last)
+    };
+    crate::time::timeout(timeout, attempt)
+        .await
+        .unwrap_or(Err(CallError::ConnectTimeout))
+}
+
+/// Largest reply we accept (two capped outputs, JSON-escaped, fit easily).
+pub const MAX_RESPONSE: usize = 64 << 20;
+
+/// One request/response over an established stream.
+pub async fn exchange<C: http::Conn>(
+    conn: &mut C,
+    host_header: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    read_timeout: Duration,
+) -> Result<Response, CallError> {
+    let work = async {
+        // If the agent refuses early (413) our write may fail: still read its reply.
+        let wrote = http::write_request(conn, method, path, host_header, body).await;
+        match http::read_response(conn, MAX_RESPONSE).await {
+            Ok(r) => Ok(r),
+            Err(HttpError::Io(e)) => Err(CallError::Io(wrote.err().unwrap_or(e).to_string())),
+            Err(HttpError::Status(_, m)) => Err(CallError::Io(m.to_string())),
+        }
+    };
+    crate::time::timeout(read_timeout, work)
+        .await
+        .unwrap_or(Err(CallError::ReadTimeout(read_timeout.as_secs())))
+}
+
+/// Connect, exchange, close.
+pub async fn call(
+    ctx: &SslContext,
+    t: &Target,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    timeouts: Timeouts,
+) -> Result<Response, CallError> {
+    let mut s = connect(ctx, t, timeouts.connect).await?;
+    let r = exchange(&mut s, &t.display(), method, path, body, timeouts.read).await;
+    s.close(Duration::from_millis(0)).await;
+    r
+}

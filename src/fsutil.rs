@@ -1,0 +1,190 @@
+//! Atomic writes and advisory locks: the only way state reaches the disk.
+//!
+//! Every state file (registry records, certificates, keys, the trusted map,
+//! the CA serial counter) is written through [`atomic_write`]: a temporary
+//! file in the same directory, created with its final mode (so a key is never
+//! briefly world-readable), written, `fsync`ed, renamed over the target, and
+//! the directory `fsync`ed. A crash at any point leaves either the old file or
+//! the new one, never a half-written one.
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// An I/O failure on a named path.
+#[derive(Debug)]
+pub struct FsError {
+    /// What we were doing ("write", "read", "lock", …).
+    pub op: &'static str,
+    /// The path involved.
+    pub path: PathBuf,
+    /// The underlying error.
+    pub err: io::Error,
+}
+
+impl fmt::Display for FsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "cannot {} {}: {}",
+            self.op,
+            self.path.display(),
+            self.err
+        )?;
+        if self.err.kind() == io::ErrorKind::PermissionDenied {
+            write!(f, " (run as a user that may write there, e.g. with sudo)")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for FsError {}
+
+impl FsError {
+    /// Wrap an io::Error with the operation and path.
+    pub fn new(op: &'static str, path: &Path, err: io::Error) -> Self {
+        FsError {
+            op,
+            path: path.to_path_buf(),
+            err,
+        }
+    }
+}
+
+/// Read a whole file as UTF-8 text, naming the path on failure.
+pub fn read_text(path: &Path) -> Result<String, FsError> {
+    fs::read_to_string(path).map_err(|e| FsError::new("read", path, e))
+}
+
+/// Write `data` to `path` atomically with permission bits `mode`.
+pub fn atomic_write(path: &Path, data: &[u8], mode: u32) -> Result<(), FsError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "file".into());
+    let mut rnd = [0u8; 6];
+    let _ = openssl::rand::rand_bytes(&mut rnd);
+    let tmp = dir.join(format!(
+        ".{name}.tmp-{}-{}",
+        std::process::id(),
+        crate::wire::hex(&rnd)
+    ));
+    let result = (|| -> io::Result<()> {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        // The umask may have narrowed the mode; state files need exactly `mode`.
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, path)?;
+        if let Ok(d) = File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(FsError::new("write", path, e));
+    }
+    Ok(())
+}
+
+/// Create a directory and its parents with `mode` for the ones created.
+pub fn ensure_dir(path: &Path, mode: u32) -> Result<(), FsError> {
+    use std::os::unix::fs::DirBuilderExt;
+    if path.is_dir() {
+        return Ok(());
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+        .map_err(|e| FsError::new("create directory", path, e))
+}
+
+/// An exclusive `flock` held until drop.
+#[derive(Debug)]
+pub struct FileLock {
+    _file: File,
+}
+
+impl FileLock {
+    /// Block until the exclusive lock on `path` (created 0600 if missing) is held.
+    pub fn exclusive(path: &Path) -> Result<FileLock, FsError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| FsError::new("open lock file", path, e))?;
+        // SAFETY: flock on a file descriptor we own.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if rc != 0 {
+            return Err(FsError::new("lock", path, io::Error::last_os_error()));
+        }
+        Ok(FileLock { _file: file })
+    }
+}
+
+/// Permission bits of a file (for self-checks and tests).
+pub fn mode_of(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::metadata(path)
+        .ok()
+        .map(|m| m.permissions().mode() & 0o7777)
+}
+
+/// True if `path` is a regular file with an execute bit that this process may use.
+pub fn is_executable(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(meta) = fs::metadata(path) else {
+        return false;
+    };
+    if !meta.is_file() {
+        return false;
+    }
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: access() only reads the NUL-terminated path.
+    unsafe { libc::access(c.as_ptr(), libc::X_OK) == 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_sets_mode_and_replaces() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("k.pem");
+        atomic_write(&p, b"one", 0o600).unwrap();
+        assert_eq!(mode_of(&p), Some(0o600));
+        atomic_write(&p, b"two", 0o644).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        assert_eq!(mode_of(&p), Some(0o644));
+        // no temp files left behind
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn atomic_write_into_missing_dir_fails_cleanly() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("nope/x");
+        let e = atomic_write(&p, b"x", 0o600).unwrap_err();
+        assert!(e.to_string().contains("nope/x"), "{e}");
+    }
+}

@@ -1,0 +1,44 @@
+//! ctrl-exec core library.
+//!
+//! The binary in `src/main.rs` only picks a role; the roles in `applets/` wire
+//! these modules together. The modules read top-down along one request:
+//!
+//! | module | owns |
+//! | --- | --- |
+//! | [`config`] | `key = value` files with sections; errors name file and line |
+//! | [`tls`] | the TLS policy, acceptor/connector builders, the async adapter |
+//! | [`http`] | HTTP/1.0 framing with limits; nothing about routes |
+//! | [`wire`] | JSON helpers, request ids, serial canonicalisation, timestamps |
+//! | [`trust`] | trusted-dispatcher map and revocation list files |
+//! | [`allowlist`] | `scripts.conf`, script names, `script_dirs`, annotations |
+//! | [`exec`] | spawning scripts: argv, environment, stdin, capped capture, timeouts |
+//! | [`hook`] | the auth hook contract, shared by both sides |
+//! | [`audit`] | `ACTION=` event lines and the syslog / stderr sinks |
+//! | [`ca`] | keys, CSRs, certificates, signing, pairing codes |
+//! | [`registry`] | the dispatcher's agent records |
+//! | [`fsutil`] | atomic writes and file locks used by every state file |
+//! | [`client`], [`fanout`] | the dispatcher's per-host call and its bounded fan-out |
+//! | [`server`] | the agent's handling of one authenticated connection |
+//! | [`bundle`] | the text-safe enrolment bundle |
+
+pub mod allowlist;
+pub mod audit;
+pub mod bundle;
+pub mod ca;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod exec;
+pub mod fanout;
+pub mod fsutil;
+pub mod hook;
+pub mod http;
+pub mod registry;
+pub mod server;
+pub mod time;
+pub mod tls;
+pub mod trust;
+pub mod wire;
+
+/// Version string reported by `--version`, `/ping` and `/capabilities`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
