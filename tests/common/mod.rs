@@ -1,0 +1,369 @@
+//! Shared scaffolding for the end-to-end tests: a throw-away dispatcher (CA,
+//! dispatcher identity, registry) in a temporary directory, agents enrolled
+//! into it and started as real `ctrl-exec agent serve` processes on
+//! ephemeral 127.0.0.1 ports, and a raw mTLS client for byte-level checks.
+//! Nothing needs root and nothing touches /etc.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_ctrl-exec"))
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn write_exec(path: &Path, body: &str) {
+    std::fs::write(path, body).unwrap();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A dispatcher with its own CA in a temp dir.
+pub struct Dispatcher {
+    pub dir: tempfile::TempDir,
+    pub conf: PathBuf,
+}
+
+impl Dispatcher {
+    pub fn new() -> Dispatcher {
+        Self::with_config("")
+    }
+
+    /// `extra` is appended to ctrl-exec.conf.
+    pub fn with_config(extra: &str) -> Dispatcher {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        let conf = p.join("ctrl-exec.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "cert = {d}/dispatcher.crt\nkey = {d}/dispatcher.key\nca = {d}/ca.crt\nca_dir = {d}\nregistry_dir = {d}/agents\n\
+                 dispatcher_id = test-dispatcher\nkey_type = rsa2048\nlog = stderr\nread_timeout = 20\n{extra}\n",
+                d = p.display()
+            ),
+        )
+        .unwrap();
+        let d = Dispatcher { dir, conf };
+        d.ok(&["setup-ca"]);
+        d.ok(&["setup-ctrl-exec"]);
+        d
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `ctrl-exec <args>` with this dispatcher's config in the environment.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin());
+        c.args(args)
+            .env("CTRL_EXEC_CONFIG", &self.conf)
+            .env_remove("ENVEXEC_TOKEN")
+            .stdin(Stdio::null());
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    /// Run and insist on exit 0.
+    pub fn ok(&self, args: &[&str]) -> Output {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "ctrl-exec {args:?} failed: {}\n{}",
+            stdout(&o),
+            stderr(&o)
+        );
+        o
+    }
+
+    /// Enrol an agent on a fresh port into <tmp>/<name> (not started).
+    pub fn enroll(&self, name: &str) -> Agent {
+        let port = free_port();
+        let dir = self.path().join(name);
+        self.ok(&[
+            "enroll",
+            name,
+            "--ip",
+            "127.0.0.1",
+            "--agent-port",
+            &port.to_string(),
+            "--out",
+            dir.to_str().unwrap(),
+        ]);
+        std::fs::create_dir_all(dir.join("scripts")).unwrap();
+        Agent {
+            dir,
+            port,
+            name: name.into(),
+            child: None,
+        }
+    }
+
+    /// Enrol and start an agent with an `echo` script that prints its args.
+    pub fn agent(&self, name: &str) -> Agent {
+        let mut a = self.enroll(name);
+        a.script(
+            "echo",
+            "#!/bin/sh\nfor a in \"$@\"; do printf '[%s]' \"$a\"; done\necho\n",
+            "",
+        );
+        a.start();
+        a
+    }
+}
+
+/// An enrolled agent.
+pub struct Agent {
+    pub dir: PathBuf,
+    pub port: u16,
+    pub name: String,
+    pub child: Option<Child>,
+}
+
+impl Agent {
+    pub fn conf(&self) -> PathBuf {
+        self.dir.join("agent.conf")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("agent.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Append lines to agent.conf.
+    pub fn configure(&self, extra: &str) {
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.conf())
+            .unwrap();
+        writeln!(f, "{extra}").unwrap();
+    }
+
+    /// Write an executable script and list it in scripts.conf.
+    pub fn script(&self, name: &str, body: &str, annotations: &str) -> PathBuf {
+        let p = self.dir.join("scripts").join(format!("{name}.sh"));
+        write_exec(&p, body);
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.join("scripts.conf"))
+            .unwrap();
+        writeln!(f, "{name} = {} {annotations}", p.display()).unwrap();
+        p
+    }
+
+    pub fn start(&mut self) {
+        let log = std::fs::File::create(self.log_path()).unwrap();
+        let child = Command::new(bin())
+            .args([
+                "agent",
+                "serve",
+                "--log-stderr",
+                "--config",
+                self.conf().to_str().unwrap(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let t = Instant::now();
+        while !self.log().contains("ACTION=start") {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("agent {} exited with {st}: {}", self.name, self.log());
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "agent {} did not start: {}",
+                self.name,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("agent not running").id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: signalling our own child.
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    /// SIGHUP, then wait until the agent logged the reload (or its failure).
+    pub fn reload(&self) {
+        let before = self.log().matches("ACTION=reload").count();
+        self.signal(libc::SIGHUP);
+        let t = Instant::now();
+        while self.log().matches("ACTION=reload").count() == before {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "no reload logged: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGTERM and wait for exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        self.signal(libc::SIGTERM);
+        let st = self.child.as_mut().unwrap().wait().unwrap();
+        self.child = None;
+        st
+    }
+
+    /// Wait up to `d` for a log line containing `needle`.
+    pub fn wait_log(&self, needle: &str, d: Duration) -> bool {
+        let t = Instant::now();
+        while t.elapsed() < d {
+            if self.log().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A raw TLS client: connect to `port` presenting `cert`/`key` (or no
+/// certificate), trusting `ca`.
+pub fn tls_client(
+    port: u16,
+    identity: Option<(&Path, &Path)>,
+    ca: &Path,
+) -> Result<openssl::ssl::SslStream<TcpStream>, String> {
+    use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
+    let mut b = SslConnector::builder(SslMethod::tls_client()).unwrap();
+    b.set_verify(SslVerifyMode::NONE);
+    if let Some((cert, key)) = identity {
+        b.set_certificate_file(cert, openssl::ssl::SslFiletype::PEM)
+            .unwrap();
+        b.set_private_key_file(key, openssl::ssl::SslFiletype::PEM)
+            .unwrap();
+    }
+    let _ = ca;
+    let c = b.build();
+    let tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut cfg = c.configure().unwrap();
+    cfg.set_verify_hostname(false);
+    cfg.connect("localhost", tcp).map_err(|e| e.to_string())
+}
+
+/// Send raw bytes as the dispatcher and return the whole reply (status line included).
+pub fn raw_exchange(d: &Dispatcher, port: u16, request: &[u8]) -> Result<String, String> {
+    let p = d.path();
+    let mut s = tls_client(
+        port,
+        Some((&p.join("dispatcher.crt"), &p.join("dispatcher.key"))),
+        &p.join("ca.crt"),
+    )?;
+    // TLS 1.3 reports a refused client certificate only at the first read.
+    let _ = s.write_all(request);
+    let mut out = Vec::new();
+    match s.read_to_end(&mut out) {
+        Ok(_) => Ok(String::from_utf8_lossy(&out).into_owned()),
+        Err(e) if !out.is_empty() => Ok(format!("{}<error: {e}>", String::from_utf8_lossy(&out))),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Status code and JSON body of a raw reply.
+pub fn split_reply(reply: &str) -> (u16, String) {
+    let code = reply
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = reply
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+/// `POST <path>` with a JSON body, as raw bytes.
+pub fn post(path: &str, body: &str) -> Vec<u8> {
+    format!("POST {path} HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).into_bytes()
+}
+
+/// Parse a JSON object with miniserde.
+pub fn json(text: &str) -> miniserde::json::Object {
+    match miniserde::json::from_str::<miniserde::json::Value>(text.trim()) {
+        Ok(miniserde::json::Value::Object(o)) => o,
+        _ => panic!("not a JSON object: {text}"),
+    }
+}
+
+pub fn jstr(o: &miniserde::json::Object, k: &str) -> String {
+    match o.get(k) {
+        Some(miniserde::json::Value::String(s)) => s.clone(),
+        Some(v) => miniserde::json::to_string(v),
+        None => String::new(),
+    }
+}
+
+/// The `results` array of a CLI --json document.
+pub fn results(o: &miniserde::json::Object) -> Vec<miniserde::json::Object> {
+    match o.get("results") {
+        Some(miniserde::json::Value::Array(a)) => a
+            .iter()
+            .map(|v| match v {
+                miniserde::json::Value::Object(o) => o.clone(),
+                _ => panic!("result is not an object"),
+            })
+            .collect(),
+        _ => panic!("no results array"),
+    }
+}
+
+/// Every `REQID=` value on lines with `ACTION=<action>`.
+pub fn reqids(log: &str, action: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains(&format!(": ACTION={action} ")))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("REQID="))
+                .map(String::from)
+        })
+        .collect()
+}
