@@ -149,15 +149,9 @@ fn config_warn(entry: &str, msg: &str) {
 
 /// Build a snapshot from the files on disk; log what was skipped.
 fn load_snapshot(cfg: AgentConfig, allowlist: &Option<String>) -> Result<Snapshot, Fail> {
-    let list_path = allowlist
-        .as_ref()
-        .map(PathBuf::from)
-        .unwrap_or_else(|| cfg.allowlist.clone());
-    let list = Allowlist::load(&list_path, &cfg.script_dirs).map_err(|e| {
-        Fail::config(format!(
-            "{e}\n(the allowlist is required: create it, even empty)"
-        ))
-    })?;
+    let list_path = allowlist.as_ref().map(PathBuf::from).unwrap_or_else(|| cfg.allowlist.clone());
+    let list = Allowlist::load(&list_path, &cfg.script_dirs)
+        .map_err(|e| Fail::config(format!("{e}\n(the allowlist is required: create it, even empty)")))?;
     for w in &list.warnings {
         config_warn("allowlist", w);
     }
@@ -173,6 +167,16 @@ fn load_snapshot(cfg: AgentConfig, allowlist: &Option<String>) -> Result<Snapsho
             )));
         }
     }
+    let declared: Vec<&str> = cfg.profiles.iter().map(String::as_str).filter(|p| *p != "default").collect();
+    if !declared.is_empty() {
+        config_warn(
+            "profiles",
+            &format!(
+                "profiles {} are parsed but not enforced: this agent has no privilege-separated executor yet, so every script runs as the agent's own user",
+                declared.join(", ")
+            ),
+        );
+    }
     if let Some(h) = &cfg.auth_hook
         && !ctrl_exec::fsutil::is_executable(h)
     {
@@ -182,28 +186,17 @@ fn load_snapshot(cfg: AgentConfig, allowlist: &Option<String>) -> Result<Snapsho
             h.display()
         )));
     }
-    let trusted = TrustedMap::load(&cfg.trusted_dispatchers_path).map_err(|e| {
-        Fail::config(format!(
-            "cannot read {}: {e}",
-            cfg.trusted_dispatchers_path.display()
-        ))
-    })?;
+    let trusted = TrustedMap::load(&cfg.trusted_dispatchers_path)
+        .map_err(|e| Fail::config(format!("cannot read {}: {e}", cfg.trusted_dispatchers_path.display())))?;
     for w in &trusted.warnings {
         config_warn("trusted-dispatchers", w);
     }
-    let revoked = trust::load_revoked(&cfg.revoked_serials).map_err(|e| {
-        Fail::config(format!(
-            "cannot read {}: {e}",
-            cfg.revoked_serials.display()
-        ))
-    })?;
+    let revoked = trust::load_revoked(&cfg.revoked_serials)
+        .map_err(|e| Fail::config(format!("cannot read {}: {e}", cfg.revoked_serials.display())))?;
     if !revoked.present {
         audit::info(
             "revoked-serials-absent",
-            &[
-                ("PATH", &cfg.revoked_serials.display().to_string()),
-                ("REASON", "file not found; nothing is revoked"),
-            ],
+            &[("PATH", &cfg.revoked_serials.display().to_string()), ("REASON", "file not found; nothing is revoked")],
         );
     }
     for w in &revoked.warnings {
@@ -212,20 +205,14 @@ fn load_snapshot(cfg: AgentConfig, allowlist: &Option<String>) -> Result<Snapsho
     let tls = ctrl_exec::tls::server_context(&cfg.cert, &cfg.key, &cfg.ca)
         .map_err(|e| Fail::config(format!("cannot set up TLS: {e}")))?;
     let state = AgentState {
-        host: cfg
-            .hostname
-            .clone()
-            .unwrap_or_else(ctrl_exec::config::host_name),
+        host: cfg.hostname.clone().unwrap_or_else(ctrl_exec::config::host_name),
         expiry: server::cert_expiry(&cfg.cert),
         allowlist: list,
         trusted: trusted.value,
         revoked: revoked.value,
         config: cfg,
     };
-    Ok(Snapshot {
-        state: Rc::new(state),
-        tls: Rc::new(tls),
-    })
+    Ok(Snapshot { state: Rc::new(state), tls: Rc::new(tls) })
 }
 
 fn not_paired(cfg: &AgentConfig) -> Option<String> {
@@ -245,30 +232,16 @@ fn serve(a: Serve) -> AppResult {
     if let Some(msg) = not_paired(&cfg) {
         return Err(Fail::config(msg));
     }
-    let addr = SocketAddr::new(
-        cfg.bind
-            .parse::<IpAddr>()
-            .unwrap_or(IpAddr::from([0, 0, 0, 0])),
-        cfg.port,
-    );
+    let addr = SocketAddr::new(cfg.bind.parse::<IpAddr>().unwrap_or(IpAddr::from([0, 0, 0, 0])), cfg.port);
     let snap = load_snapshot(cfg, &a.allowlist)?;
-    let listener = TcpListener::bind(addr)
-        .and_then(Async::new)
-        .map_err(|e| Fail::new(format!("cannot listen on {addr}: {e}")))?;
-    let port = listener
-        .get_ref()
-        .local_addr()
-        .map(|a| a.port())
-        .unwrap_or(addr.port());
+    let listener =
+        TcpListener::bind(addr).and_then(Async::new).map_err(|e| Fail::new(format!("cannot listen on {addr}: {e}")))?;
+    let port = listener.get_ref().local_addr().map(|a| a.port()).unwrap_or(addr.port());
     let signals = Signals::new([Signal::Hup, Signal::Term, Signal::Int])
         .map_err(|e| Fail::new(format!("cannot install signal handlers: {e}")))?;
     audit::info(
         "start",
-        &[
-            ("PORT", &port.to_string()),
-            ("BIND", &addr.ip().to_string()),
-            ("VERSION", ctrl_exec::VERSION),
-        ],
+        &[("PORT", &port.to_string()), ("BIND", &addr.ip().to_string()), ("VERSION", ctrl_exec::VERSION)],
     );
     let ex = LocalExecutor::new();
     smol::block_on(ex.run(accept_loop(&ex, listener, signals, snap, a)));
@@ -296,6 +269,8 @@ async fn accept_loop(
     snap: Snapshot,
     a: Serve,
 ) {
+    // What only a restart changes: compared with every reload, not with the previous one.
+    let started = (snap.state.config.port, snap.state.config.bind.clone(), snap.state.config.log.clone());
     let current = RefCell::new(snap);
     let live = Rc::new(Cell::new(0usize));
     let rejecting = Rc::new(Cell::new(0usize));
@@ -334,10 +309,7 @@ async fn accept_loop(
             }
             Event::Conn(Err(e)) => {
                 // Out of descriptors or an aborted connection: wait and go on.
-                audit::err(
-                    "accept-error",
-                    &[("PEER", "unknown"), ("REASON", &e.to_string())],
-                );
+                audit::err("accept-error", &[("PEER", "unknown"), ("REASON", &e.to_string())]);
                 Timer::after(Duration::from_millis(100)).await;
             }
             Event::Signal(Some(Ok(Signal::Hup))) => {
@@ -348,13 +320,16 @@ async fn accept_loop(
                 {
                     Ok(next) => {
                         let c = &next.state.config;
-                        if c.port != running.port || c.bind != running.bind {
+                        if c.port != started.0 || c.bind != started.1 {
                             audit::warn(
                                 "reload-warn",
-                                &[(
-                                    "MSG",
-                                    "port and bind changes take effect at the next restart",
-                                )],
+                                &[("MSG", "port and bind changes take effect at the next restart")],
+                            );
+                        }
+                        if c.log != started.2 && !a.log_stderr {
+                            audit::warn(
+                                "reload-warn",
+                                &[("MSG", "log and syslog_socket changes take effect at the next restart")],
                             );
                         }
                         let s = &next.state;
@@ -369,13 +344,9 @@ async fn accept_loop(
                         );
                         *current.borrow_mut() = next;
                     }
-                    Err(f) => audit::err(
-                        "reload-fail",
-                        &[
-                            ("ERROR", &f.msg),
-                            ("RESULT", "kept the running configuration"),
-                        ],
-                    ),
+                    Err(f) => {
+                        audit::err("reload-fail", &[("ERROR", &f.msg), ("RESULT", "kept the running configuration")])
+                    }
                 }
             }
             Event::Signal(_) => break,
@@ -383,13 +354,7 @@ async fn accept_loop(
     }
     drop(listener);
     let grace = current.borrow().state.config.shutdown_grace;
-    audit::info(
-        "stop",
-        &[
-            ("LIVE", &live.get().to_string()),
-            ("GRACE", &grace.as_secs().to_string()),
-        ],
-    );
+    audit::info("stop", &[("LIVE", &live.get().to_string()), ("GRACE", &grace.as_secs().to_string())]);
     let deadline = Instant::now() + grace;
     while live.get() > 0 && Instant::now() < deadline {
         Timer::after(Duration::from_millis(50)).await;
@@ -401,20 +366,12 @@ async fn accept_loop(
 
 fn peer_ip(addr: &SocketAddr) -> IpAddr {
     match addr.ip() {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
         v4 => v4,
     }
 }
 
-async fn handshake(
-    tcp: Async<TcpStream>,
-    addr: &SocketAddr,
-    tls: &SslContext,
-    limit: Duration,
-) -> Option<TlsStream> {
+async fn handshake(tcp: Async<TcpStream>, addr: &SocketAddr, tls: &SslContext, limit: Duration) -> Option<TlsStream> {
     let _ = tcp.get_ref().set_nodelay(true);
     let ip = peer_ip(addr).to_string();
     match ctrl_exec::time::timeout(limit, TlsStream::accept(tls, tcp)).await {
@@ -424,32 +381,25 @@ async fn handshake(
             None
         }
         None => {
-            audit::warn(
-                "tls-failure",
-                &[("PEER", &ip), ("REASON", "handshake timed out")],
-            );
+            audit::warn("tls-failure", &[("PEER", &ip), ("REASON", "handshake timed out")]);
             None
         }
     }
 }
 
 async fn connection(tcp: Async<TcpStream>, addr: SocketAddr, tls: &SslContext, state: &AgentState) {
+    // One deadline covers the handshake and the request together.
+    let deadline = Instant::now() + state.config.request_timeout;
     let Some(mut s) = handshake(tcp, &addr, tls, state.config.request_timeout).await else {
         return;
     };
     let peer = Peer::new(peer_ip(&addr), s.peer_serial_raw());
-    server::handle(&mut s, &peer, state).await;
+    server::handle(&mut s, &peer, state, deadline).await;
     s.close(Duration::from_millis(500)).await;
 }
 
 async fn reject_busy(tcp: Async<TcpStream>, addr: SocketAddr, tls: &SslContext, live: usize) {
-    audit::warn(
-        "overload",
-        &[
-            ("PEER", &peer_ip(&addr).to_string()),
-            ("LIVE", &live.to_string()),
-        ],
-    );
+    audit::warn("overload", &[("PEER", &peer_ip(&addr).to_string()), ("LIVE", &live.to_string())]);
     let Some(mut s) = handshake(tcp, &addr, tls, Duration::from_secs(5)).await else {
         return;
     };
@@ -460,11 +410,7 @@ async fn reject_busy(tcp: Async<TcpStream>, addr: SocketAddr, tls: &SslContext, 
 
 fn self_check(a: SelfCheck) -> AppResult {
     let cfg = load_config(&a.config)?;
-    common::init_audit(
-        "ctrl-exec-agent",
-        &ctrl_exec::config::LogTarget::Stderr,
-        true,
-    );
+    common::init_audit("ctrl-exec-agent", &ctrl_exec::config::LogTarget::Stderr, true);
     let mut failed = 0usize;
     let mut total = 0usize;
     let mut check = |ok: bool, what: String| {
@@ -474,20 +420,8 @@ fn self_check(a: SelfCheck) -> AppResult {
         }
         println!("  [{}] {what}", if ok { "ok  " } else { "FAIL" });
     };
-    check(
-        true,
-        format!(
-            "config {} (port {}, bind {})",
-            cfg.path.display(),
-            cfg.port,
-            cfg.bind
-        ),
-    );
-    let list_path = a
-        .allowlist
-        .as_ref()
-        .map(PathBuf::from)
-        .unwrap_or_else(|| cfg.allowlist.clone());
+    check(true, format!("config {} (port {}, bind {})", cfg.path.display(), cfg.port, cfg.bind));
+    let list_path = a.allowlist.as_ref().map(PathBuf::from).unwrap_or_else(|| cfg.allowlist.clone());
     match Allowlist::load(&list_path, &cfg.script_dirs) {
         Ok(list) => {
             check(
@@ -512,10 +446,7 @@ fn self_check(a: SelfCheck) -> AppResult {
                     }
                     (true, true) => "executable".to_string(),
                 };
-                check(
-                    exec && profile_ok,
-                    format!("script {} -> {} ({detail})", s.name, s.path.display()),
-                );
+                check(exec && profile_ok, format!("script {} -> {} ({detail})", s.name, s.path.display()));
             }
         }
         Err(e) => check(false, format!("allowlist: {e}")),
@@ -525,8 +456,8 @@ fn self_check(a: SelfCheck) -> AppResult {
         None => match ctrl_exec::ca::load_cert(&cfg.cert) {
             Ok(cert) => {
                 let exp = ctrl_exec::ca::not_after(&cert);
-                let left = ctrl_exec::time::parse_openssl_date(&exp)
-                    .map(|t| (t - ctrl_exec::time::unix_now()) / 86_400);
+                let left =
+                    ctrl_exec::time::parse_openssl_date(&exp).map(|t| (t - ctrl_exec::time::unix_now()) / 86_400);
                 check(
                     left.is_some_and(|d| d >= 0),
                     format!(
@@ -552,41 +483,22 @@ fn self_check(a: SelfCheck) -> AppResult {
     }
     match TrustedMap::load(&cfg.trusted_dispatchers_path) {
         Ok(t) => {
-            let list: Vec<String> = t
-                .value
-                .0
-                .iter()
-                .map(|(s, id)| format!("{s} -> {id}"))
-                .collect();
+            let list: Vec<String> = t.value.0.iter().map(|(s, id)| format!("{s} -> {id}")).collect();
             check(
                 !t.value.0.is_empty(),
                 format!(
                     "trusted dispatchers {}: {}",
                     cfg.trusted_dispatchers_path.display(),
-                    if list.is_empty() {
-                        "none (every request will be refused)".into()
-                    } else {
-                        list.join(", ")
-                    }
+                    if list.is_empty() { "none (every request will be refused)".into() } else { list.join(", ") }
                 ),
             );
         }
-        Err(e) => check(
-            false,
-            format!(
-                "trusted dispatchers {}: {e}",
-                cfg.trusted_dispatchers_path.display()
-            ),
-        ),
+        Err(e) => check(false, format!("trusted dispatchers {}: {e}", cfg.trusted_dispatchers_path.display())),
     }
     match trust::load_revoked(&cfg.revoked_serials) {
-        Ok(r) if !r.present => check(
-            true,
-            format!(
-                "revocation list {}: absent (nothing revoked)",
-                cfg.revoked_serials.display()
-            ),
-        ),
+        Ok(r) if !r.present => {
+            check(true, format!("revocation list {}: absent (nothing revoked)", cfg.revoked_serials.display()))
+        }
         Ok(r) => check(
             r.warnings.is_empty(),
             format!(
@@ -596,17 +508,11 @@ fn self_check(a: SelfCheck) -> AppResult {
                 r.warnings.len()
             ),
         ),
-        Err(e) => check(
-            false,
-            format!("revocation list {}: {e}", cfg.revoked_serials.display()),
-        ),
+        Err(e) => check(false, format!("revocation list {}: {e}", cfg.revoked_serials.display())),
     }
     match &cfg.auth_hook {
         None => check(true, "auth hook: none".into()),
-        Some(h) => check(
-            ctrl_exec::fsutil::is_executable(h),
-            format!("auth hook {}", h.display()),
-        ),
+        Some(h) => check(ctrl_exec::fsutil::is_executable(h), format!("auth hook {}", h.display())),
     }
     if failed == 0 {
         println!("self-check: all {total} checks passed");
@@ -622,11 +528,7 @@ fn pairing_status(a: PairingStatus) -> AppResult {
         Ok(c) => c,
         Err(f) => {
             println!("Not paired. Reason: {}", f.msg);
-            return Ok(if f.code == EXIT_CONFIG {
-                EXIT_FAIL
-            } else {
-                f.code
-            });
+            return Ok(if f.code == EXIT_CONFIG { EXIT_FAIL } else { f.code });
         }
     };
     let missing = common::missing(&[&cfg.cert, &cfg.key, &cfg.ca]);
@@ -636,10 +538,7 @@ fn pairing_status(a: PairingStatus) -> AppResult {
     }
     match ctrl_exec::ca::load_cert(&cfg.cert) {
         Ok(c) => {
-            println!(
-                "Paired. Certificate expires: {}",
-                ctrl_exec::ca::not_after(&c)
-            );
+            println!("Paired. Certificate expires: {}", ctrl_exec::ca::not_after(&c));
             Ok(EXIT_OK)
         }
         Err(e) => {
@@ -660,11 +559,7 @@ fn install_bundle(a: InstallBundle) -> AppResult {
     for line in b.install(dir, a.force)? {
         println!("  {line}");
     }
-    println!(
-        "Installed the identity of '{}' in {}.",
-        b.name,
-        dir.display()
-    );
+    println!("Installed the identity of '{}' in {}.", b.name, dir.display());
     println!(
         "Add scripts to {}/scripts.conf, then start: ctrl-exec-agent serve --config {}/agent.conf",
         dir.display(),

@@ -107,21 +107,13 @@ pub fn main(invoked: &str, args: &[String]) -> AppResult {
 fn setup_ca(a: SetupCa) -> AppResult {
     let cfg = common::load_dispatcher(&a.config)?;
     let files = CaFiles::new(&cfg.ca, &cfg.ca_dir);
-    eprintln!(
-        "Generating the {} CA key (this can take a while on slow hardware)...",
-        cfg.key_type.describe()
-    );
+    files.check_absent()?;
+    eprintln!("Generating the {} CA key (this can take a while on slow hardware)...", cfg.key_type.describe());
     files.create(cfg.key_type, 3650)?;
     println!("CA created.");
-    println!(
-        "  key:         {} (0600; keep it on this host, never copy it)",
-        files.key.display()
-    );
+    println!("  key:         {} (0600; keep it on this host, never copy it)", files.key.display());
     println!("  certificate: {}", files.cert.display());
-    println!(
-        "Next: ctrl-exec setup-ctrl-exec --config {}",
-        cfg.path.display()
-    );
+    println!("Next: ctrl-exec setup-ctrl-exec --config {}", cfg.path.display());
     Ok(EXIT_OK)
 }
 
@@ -137,9 +129,7 @@ fn setup_ctrl_exec(a: SetupCtrlExec) -> AppResult {
                 cfg.cert.display()
             );
             if !std::io::stdin().is_terminal() {
-                return Err(Fail::new(format!(
-                    "{msg}\nRe-run with --yes to replace it anyway."
-                )));
+                return Err(Fail::new(format!("{msg}\nRe-run with --yes to replace it anyway.")));
             }
             eprint!("{msg}\nReplace it? [y/N] ");
             let mut line = String::new();
@@ -150,15 +140,10 @@ fn setup_ctrl_exec(a: SetupCtrlExec) -> AppResult {
             }
         }
     }
-    eprintln!(
-        "Generating the {} dispatcher key...",
-        cfg.key_type.describe()
-    );
+    eprintln!("Generating the {} dispatcher key...", cfg.key_type.describe());
     let key = cfg.key_type.generate()?;
-    let pubkey = openssl::pkey::PKey::public_key_from_pem(
-        &key.public_key_to_pem().map_err(ca::CaError::from)?,
-    )
-    .map_err(ca::CaError::from)?;
+    let pubkey = openssl::pkey::PKey::public_key_from_pem(&key.public_key_to_pem().map_err(ca::CaError::from)?)
+        .map_err(ca::CaError::from)?;
     let cert = files.issue(&pubkey, "ctrl-exec-dispatcher", 825)?;
     for p in [&cfg.key, &cfg.cert] {
         if let Some(d) = p.parent() {
@@ -167,16 +152,9 @@ fn setup_ctrl_exec(a: SetupCtrlExec) -> AppResult {
     }
     ctrl_exec::fsutil::atomic_write(&cfg.key, &ca::key_pem(&key)?, 0o600)?;
     ctrl_exec::fsutil::atomic_write(&cfg.cert, &cert.to_pem().map_err(ca::CaError::from)?, 0o644)?;
-    println!(
-        "Dispatcher certificate created (serial {}).",
-        ca::cert_serial(&cert)
-    );
+    println!("Dispatcher certificate created (serial {}).", ca::cert_serial(&cert));
     println!("  key:         {} (0600)", cfg.key.display());
-    println!(
-        "  certificate: {} (expires {})",
-        cfg.cert.display(),
-        ca::not_after(&cert)
-    );
+    println!("  certificate: {} (expires {})", cfg.cert.display(), ca::not_after(&cert));
     Ok(EXIT_OK)
 }
 
@@ -190,70 +168,60 @@ fn enroll(a: Enroll) -> AppResult {
         )));
     }
     if a.out.is_none() && !a.bundle {
-        return Err(Fail::usage(
-            "say where the agent's identity goes: --out <dir> and/or --bundle",
-        ));
+        return Err(Fail::usage("say where the agent's identity goes: --out <dir> and/or --bundle"));
     }
     if let Some(ip) = &a.ip
         && ip.parse::<IpAddr>().is_err()
     {
-        return Err(Fail::usage(format!(
-            "--ip must be an IPv4 or IPv6 address, not '{ip}'"
-        )));
+        return Err(Fail::usage(format!("--ip must be an IPv4 or IPv6 address, not '{ip}'")));
     }
     if a.agent_port == 0 {
         return Err(Fail::usage("--agent-port must be a port number (1-65535)"));
     }
     if a.bind.parse::<IpAddr>().is_err() {
-        return Err(Fail::usage(format!(
-            "--bind must be an IPv4 or IPv6 address, not '{}'",
-            a.bind
-        )));
+        return Err(Fail::usage(format!("--bind must be an IPv4 or IPv6 address, not '{}'", a.bind)));
     }
     let reg = Registry::new(&cfg.registry_dir);
+    // Held to the end: two enrolments of one name cannot both pass the check.
+    let _lock = reg.lock()?;
     if reg.get(&a.name)?.is_some() && !a.force {
         return Err(Fail::new(format!(
-            "agent '{}' is already registered; use --force to enrol it again (its old certificate stays valid until it expires: add its serial to the agents' revoked-serials if it was compromised)",
+            "agent '{}' is already registered; use --force to enrol it again (its old certificate stays valid until it expires; if that key may be compromised, re-enrol it with a new key and keep the old certificate off the network)",
             a.name
         )));
     }
+    if let Some(out) = &a.out {
+        // Refuse before a serial is spent on a certificate nobody can install.
+        let key = std::path::Path::new(out).join("agent.key");
+        if key.exists() && !a.force {
+            return Err(Fail::new(format!(
+                "{} already exists: that directory holds another agent identity (use --force to replace it)",
+                key.display()
+            )));
+        }
+    }
     let files = CaFiles::new(&cfg.ca, &cfg.ca_dir);
     files.load()?;
-    let disp_cert = ca::load_cert(&cfg.cert)
-        .map_err(|e| Fail::new(format!("{e}\n(run 'ctrl-exec setup-ctrl-exec' first)")))?;
+    let disp_cert =
+        ca::load_cert(&cfg.cert).map_err(|e| Fail::new(format!("{e}\n(run 'ctrl-exec setup-ctrl-exec' first)")))?;
     let disp_serial = ca::cert_serial(&disp_cert);
-    eprintln!(
-        "Generating the {} key for '{}'...",
-        cfg.key_type.describe(),
-        a.name
-    );
+    eprintln!("Generating the {} key for '{}'...", cfg.key_type.describe(), a.name);
     let key = cfg.key_type.generate()?;
-    let pubkey = openssl::pkey::PKey::public_key_from_pem(
-        &key.public_key_to_pem().map_err(ca::CaError::from)?,
-    )
-    .map_err(ca::CaError::from)?;
+    let pubkey = openssl::pkey::PKey::public_key_from_pem(&key.public_key_to_pem().map_err(ca::CaError::from)?)
+        .map_err(ca::CaError::from)?;
     let cert = files.issue(&pubkey, &a.name, cfg.cert_days)?;
     let mut trusted = TrustedMap::default();
-    trusted
-        .0
-        .insert(disp_serial.clone(), cfg.dispatcher_id.clone());
-    let ca_pem = std::fs::read(&cfg.ca)
-        .map_err(|e| Fail::new(format!("cannot read {}: {e}", cfg.ca.display())))?;
+    trusted.0.insert(disp_serial.clone(), cfg.dispatcher_id.clone());
+    let ca_pem = std::fs::read(&cfg.ca).map_err(|e| Fail::new(format!("cannot read {}: {e}", cfg.ca.display())))?;
     let bundle = Bundle {
         name: a.name.clone(),
         port: a.agent_port,
         bind: a.bind.clone(),
         files: vec![
             ("agent.key".into(), ca::key_pem(&key)?),
-            (
-                "agent.crt".into(),
-                cert.to_pem().map_err(ca::CaError::from)?,
-            ),
+            ("agent.crt".into(), cert.to_pem().map_err(ca::CaError::from)?),
             ("ca.crt".into(), ca_pem),
-            (
-                "ctrl-exec-dispatchers".into(),
-                trusted.render().into_bytes(),
-            ),
+            ("ctrl-exec-dispatchers".into(), trusted.render().into_bytes()),
         ],
     };
     if let Some(out) = &a.out {
@@ -261,10 +229,6 @@ fn enroll(a: Enroll) -> AppResult {
             eprintln!("  {line}");
         }
     }
-    if a.bundle {
-        print!("{}", bundle.render());
-    }
-    let _lock = reg.lock()?;
     let mut rec = AgentRecord::new(
         &a.name,
         a.ip.as_deref().unwrap_or(""),
@@ -275,11 +239,11 @@ fn enroll(a: Enroll) -> AppResult {
     rec.reqid = ctrl_exec::wire::new_reqid();
     rec.dispatcher_serial = disp_serial.clone();
     rec.serial_status = "current".into();
-    rec.raw.insert(
-        "serial_confirmed".into(),
-        miniserde::json::Value::String(rec.paired.clone()),
-    );
+    rec.raw.insert("serial_confirmed".into(), miniserde::json::Value::String(rec.paired.clone()));
     reg.put(&rec)?;
+    if a.bundle {
+        print!("{}", bundle.render());
+    }
     let serial = ca::cert_serial(&cert);
     audit::info(
         "enroll",
@@ -291,10 +255,7 @@ fn enroll(a: Enroll) -> AppResult {
             ("EXPIRY", &rec.expiry),
         ],
     );
-    eprintln!(
-        "Enrolled '{}' (certificate serial {serial}, expires {}).",
-        a.name, rec.expiry
-    );
+    eprintln!("Enrolled '{}' (certificate serial {serial}, expires {}).", a.name, rec.expiry);
     if let Some(out) = &a.out {
         eprintln!("Start it with: ctrl-exec-agent serve --config {out}/agent.conf");
     }

@@ -133,9 +133,7 @@ fn split_port(typed: &str) -> Result<(String, Option<u16>), Fail> {
     match typed.rsplit_once(':') {
         Some((name, p)) => match p.parse::<u16>() {
             Ok(port) if port > 0 => Ok((name.to_string(), Some(port))),
-            _ => Err(Fail::usage(format!(
-                "invalid port in '{typed}' (expected <host>:<1-65535>)"
-            ))),
+            _ => Err(Fail::usage(format!("invalid port in '{typed}' (expected <host>:<1-65535>)"))),
         },
         None => Ok((typed.to_string(), None)),
     }
@@ -163,11 +161,7 @@ fn resolve(reg: &Registry, typed: &[String], port_flag: Option<u16>) -> Result<V
             Some(p) if stored == DEFAULT_PORT => p,
             _ => stored,
         });
-        out.push(Target {
-            name: name.clone(),
-            addr: rec.connect_addr().to_string(),
-            port,
-        });
+        out.push(Target { name: name.clone(), addr: rec.connect_addr().to_string(), port });
     }
     if !unknown.is_empty() {
         return Err(Fail::new(format!(
@@ -193,12 +187,8 @@ fn prepare(
 ) -> Result<Result<Dispatch, u8>, Fail> {
     let cfg = common::load_dispatcher(config)?;
     common::init_audit("ctrl-exec-dispatcher", &cfg.log, log_stderr);
-    let username = username
-        .or_else(|| std::env::var("USER").ok())
-        .unwrap_or_default();
-    let token = token
-        .or_else(|| std::env::var("ENVEXEC_TOKEN").ok())
-        .unwrap_or_default();
+    let username = username.or_else(|| std::env::var("USER").ok()).unwrap_or_default();
+    let token = token.or_else(|| std::env::var("ENVEXEC_TOKEN").ok()).unwrap_or_default();
     let reqid = ctrl_exec::wire::new_reqid();
     let hctx = hook::Context {
         action: action.into(),
@@ -211,22 +201,11 @@ fn prepare(
         reqid: reqid.clone(),
         ..Default::default()
     };
-    let decision = smol::block_on(hook::authorize(
-        cfg.auth_hook.as_deref(),
-        cfg.auth_hook_timeout,
-        &hctx,
-        NoHook::CliPass,
-    ));
+    let decision =
+        smol::block_on(hook::authorize(cfg.auth_hook.as_deref(), cfg.auth_hook_timeout, &hctx, NoHook::CliPass));
     if let Decision::Deny { code, reason } = decision {
         if json_out {
-            println!(
-                "{}",
-                Obj::new()
-                    .b("ok", false)
-                    .s("error", &reason)
-                    .i("code", code as i64)
-                    .to_json()
-            );
+            println!("{}", Obj::new().b("ok", false).s("error", &reason).i("code", code as i64).to_json());
         } else {
             eprintln!("Denied: {reason}");
         }
@@ -235,21 +214,11 @@ fn prepare(
     let targets = resolve(&Registry::new(&cfg.registry_dir), &typed, port)?;
     let ctx = ctrl_exec::tls::client_context(&cfg.cert, &cfg.key, &cfg.ca)
         .map_err(|e| Fail::new(format!("cannot load the dispatcher identity: {e}")))?;
-    Ok(Ok(Dispatch {
-        cfg,
-        ctx,
-        targets,
-        username,
-        token,
-        reqid,
-    }))
+    Ok(Ok(Dispatch { cfg, ctx, targets, username, token, reqid }))
 }
 
 fn timeouts(cfg: &DispatcherConfig) -> Timeouts {
-    Timeouts {
-        connect: cfg.connect_timeout,
-        read: cfg.read_timeout,
-    }
+    Timeouts { connect: cfg.connect_timeout, read: cfg.read_timeout }
 }
 
 fn rtt(d: Duration) -> String {
@@ -258,10 +227,7 @@ fn rtt(d: Duration) -> String {
 
 /// The error text for a non-2xx agent reply.
 fn status_error(code: u16, body: &Option<Object>) -> String {
-    let agent_err = body
-        .as_ref()
-        .and_then(|o| get_str(o, "error"))
-        .unwrap_or_default();
+    let agent_err = body.as_ref().and_then(|o| get_str(o, "error")).unwrap_or_default();
     match code {
         403 => format!("forbidden: {agent_err}"),
         413 => "request too large".into(),
@@ -273,9 +239,7 @@ fn status_error(code: u16, body: &Option<Object>) -> String {
 fn run(a: RunArgs, script_args: Vec<String>) -> AppResult {
     let mut words = a.targets;
     let Some(script) = words.pop() else {
-        return Err(Fail::usage(
-            "usage: run <host>[:<port>]... <script> [-- <arg>...]",
-        ));
+        return Err(Fail::usage("usage: run <host>[:<port>]... <script> [-- <arg>...]"));
     };
     if words.is_empty() {
         return Err(Fail::usage(format!(
@@ -298,11 +262,7 @@ fn run(a: RunArgs, script_args: Vec<String>) -> AppResult {
         Err(code) => return Ok(code),
     };
     let args_json = json::to_string(&str_array(&script_args));
-    let user = if d.username.is_empty() {
-        "(none)".to_string()
-    } else {
-        d.username.clone()
-    };
+    let user = if d.username.is_empty() { "(none)".to_string() } else { d.username.clone() };
     let names: Vec<&str> = d.targets.iter().map(|t| t.name.as_str()).collect();
     audit::info(
         "dispatch",
@@ -370,13 +330,7 @@ fn run(a: RunArgs, script_args: Vec<String>) -> AppResult {
         },
     ));
     if a.json {
-        println!(
-            "{}",
-            Obj::new()
-                .b("ok", true)
-                .v("results", Value::Array(results))
-                .to_json()
-        );
+        println!("{}", Obj::new().b("ok", true).v("results", Value::Array(results)).to_json());
     }
     Ok(if all_ok { EXIT_OK } else { EXIT_FAIL })
 }
@@ -411,12 +365,9 @@ fn run_result(
     };
     o.insert("host".into(), Value::String(t.name.clone()));
     o.insert("rtt".into(), Value::String(rtt(took)));
-    o.entry("reqid".into())
-        .or_insert_with(|| Value::String(reqid.into()));
-    o.entry("script".into())
-        .or_insert_with(|| Value::String(script.into()));
-    o.entry("exit".into())
-        .or_insert_with(|| ctrl_exec::wire::int(-1));
+    o.entry("reqid".into()).or_insert_with(|| Value::String(reqid.into()));
+    o.entry("script".into()).or_insert_with(|| Value::String(script.into()));
+    o.entry("exit".into()).or_insert_with(|| ctrl_exec::wire::int(-1));
     o
 }
 
@@ -457,18 +408,7 @@ fn ping(a: PingArgs) -> AppResult {
     if a.hosts.is_empty() {
         return Err(Fail::usage("usage: ping <host>[:<port>]..."));
     }
-    let d = match prepare(
-        &a.config,
-        a.log_stderr,
-        a.hosts,
-        a.port,
-        a.username,
-        a.token,
-        "ping",
-        "",
-        &[],
-        a.json,
-    )? {
+    let d = match prepare(&a.config, a.log_stderr, a.hosts, a.port, a.username, a.token, "ping", "", &[], a.json)? {
         Ok(d) => d,
         Err(code) => return Ok(code),
     };
@@ -477,10 +417,7 @@ fn ping(a: PingArgs) -> AppResult {
     let mut results = Array::new();
     let mut failed = 0usize;
     if !a.json {
-        println!(
-            "{:<30}  {:<8}  {:<8}  {:<28}  VERSION",
-            "HOST", "STATUS", "RTT", "CERT EXPIRY"
-        );
+        println!("{:<30}  {:<8}  {:<8}  {:<28}  VERSION", "HOST", "STATUS", "RTT", "CERT EXPIRY");
         println!("{}", "-".repeat(85));
     }
     smol::block_on(ctrl_exec::fanout::for_each(
@@ -499,27 +436,11 @@ fn ping(a: PingArgs) -> AppResult {
             let target = t.display();
             let rt = rtt(took);
             if get_str(&res, "status").as_deref() == Some("ok") {
-                audit::info(
-                    "ping",
-                    &[
-                        ("TARGET", &target),
-                        ("RESULT", "ok"),
-                        ("RTT", &rt),
-                        ("REQID", &d.reqid),
-                    ],
-                );
+                audit::info("ping", &[("TARGET", &target), ("RESULT", "ok"), ("RTT", &rt), ("REQID", &d.reqid)]);
             } else {
                 failed += 1;
                 let e = get_str(&res, "error").unwrap_or_default();
-                audit::err(
-                    "ping",
-                    &[
-                        ("TARGET", &target),
-                        ("ERROR", &e),
-                        ("RTT", &rt),
-                        ("REQID", &d.reqid),
-                    ],
-                );
+                audit::err("ping", &[("TARGET", &target), ("ERROR", &e), ("RTT", &rt), ("REQID", &d.reqid)]);
             }
             if !a.json {
                 print_ping(&res);
@@ -528,30 +449,14 @@ fn ping(a: PingArgs) -> AppResult {
         },
     ));
     if a.json {
-        println!(
-            "{}",
-            Obj::new()
-                .b("ok", true)
-                .v("results", Value::Array(results))
-                .to_json()
-        );
+        println!("{}", Obj::new().b("ok", true).v("results", Value::Array(results)).to_json());
     }
     Ok(if failed == 0 { EXIT_OK } else { EXIT_FAIL })
 }
 
-fn ping_result(
-    t: &Target,
-    took: Duration,
-    r: Result<ctrl_exec::http::Response, client::CallError>,
-) -> Object {
-    let fail = |error: String| {
-        Obj::new()
-            .s("host", &t.name)
-            .s("status", "error")
-            .s("error", error)
-            .s("rtt", rtt(took))
-            .0
-    };
+fn ping_result(t: &Target, took: Duration, r: Result<ctrl_exec::http::Response, client::CallError>) -> Object {
+    let fail =
+        |error: String| Obj::new().s("host", &t.name).s("status", "error").s("error", error).s("rtt", rtt(took)).0;
     let resp = match r {
         Ok(resp) => resp,
         Err(e) => return fail(e.describe(t)),
@@ -579,11 +484,7 @@ fn print_ping(res: &Object) {
     let status = get_str(res, "status").unwrap_or_default();
     let ok = status == "ok";
     let or_q = |k: &str| {
-        if ok {
-            get_str(res, k).unwrap_or_else(|| "?".into())
-        } else {
-            "?".into()
-        }
+        if ok { get_str(res, k).unwrap_or_else(|| "?".into()) } else { "?".into() }
     };
     println!(
         "{:<30}  {:<8}  {:<8}  {:<28}  {}",
@@ -604,13 +505,9 @@ fn list_agents(a: ListArgs) -> AppResult {
     if let Some(spec) = &a.tags {
         for pair in spec.split(',').filter(|p| !p.trim().is_empty()) {
             match pair.split_once('=') {
-                Some((k, v)) if !k.trim().is_empty() => {
-                    filter.push((k.trim().to_string(), v.trim().to_string()))
-                }
+                Some((k, v)) if !k.trim().is_empty() => filter.push((k.trim().to_string(), v.trim().to_string())),
                 _ => {
-                    return Err(Fail::usage(format!(
-                        "invalid tag filter '{pair}': expected key=value"
-                    )));
+                    return Err(Fail::usage(format!("invalid tag filter '{pair}': expected key=value")));
                 }
             }
         }
@@ -618,15 +515,19 @@ fn list_agents(a: ListArgs) -> AppResult {
     let reg = Registry::new(&cfg.registry_dir);
     let mut recs = Vec::new();
     for name in reg.names()? {
-        if let Some(r) = reg.get(&name)? {
+        let rec = match reg.get(&name) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("warning: skipped {e}");
+                continue;
+            }
+        };
+        if let Some(r) = rec {
             let tags = match r.raw.get("tags") {
                 Some(Value::Object(t)) => t.clone(),
                 _ => Object::new(),
             };
-            if filter
-                .iter()
-                .all(|(k, v)| get_str(&tags, k).as_deref() == Some(v.as_str()))
-            {
+            if filter.iter().all(|(k, v)| get_str(&tags, k).as_deref() == Some(v.as_str())) {
                 recs.push(r);
             }
         }
@@ -640,14 +541,7 @@ fn list_agents(a: ListArgs) -> AppResult {
         return Ok(EXIT_OK);
     }
     if recs.is_empty() {
-        println!(
-            "{}",
-            if filter.is_empty() {
-                "No registered agents."
-            } else {
-                "No agents match the tag filter."
-            }
-        );
+        println!("{}", if filter.is_empty() { "No registered agents." } else { "No agents match the tag filter." });
         return Ok(EXIT_OK);
     }
     let header = format!(

@@ -23,26 +23,16 @@ pub fn parse<T: FromArgs>(invoked: &str, args: &[String]) -> Result<T, Fail> {
     T::from_args(&cmd, &argv).map_err(|e| match e.status {
         Ok(()) => {
             print!("{}", e.output);
-            Fail {
-                code: 0,
-                msg: String::new(),
-            }
+            Fail { code: 0, msg: String::new() }
         }
-        Err(()) => Fail::usage(format!(
-            "{}\nRun '{invoked} --help' for usage.",
-            e.output.trim_end()
-        )),
+        Err(()) => Fail::usage(format!("{}\nRun '{invoked} --help' for usage.", e.output.trim_end())),
     })
 }
 
 /// The dispatcher config path: `--config`, else `$CTRL_EXEC_CONFIG`, else the default.
 pub fn dispatcher_conf_path(flag: &Option<String>) -> PathBuf {
     flag.clone()
-        .or_else(|| {
-            std::env::var("CTRL_EXEC_CONFIG")
-                .ok()
-                .filter(|s| !s.is_empty())
-        })
+        .or_else(|| std::env::var("CTRL_EXEC_CONFIG").ok().filter(|s| !s.is_empty()))
         .unwrap_or_else(|| DISPATCHER_CONF.into())
         .into()
 }
@@ -50,29 +40,17 @@ pub fn dispatcher_conf_path(flag: &Option<String>) -> PathBuf {
 /// Load ctrl-exec.conf; errors exit 78 naming file and line.
 pub fn load_dispatcher(flag: &Option<String>) -> Result<DispatcherConfig, Fail> {
     let path = dispatcher_conf_path(flag);
-    DispatcherConfig::load(&path).map_err(|e| {
-        Fail::config(format!(
-            "configuration error: {e}\n(config file: {})",
-            path.display()
-        ))
-    })
+    DispatcherConfig::load(&path)
+        .map_err(|e| Fail::config(format!("configuration error: {e}\n(config file: {})", path.display())))
 }
 
 /// Start the audit trail for this process.
 pub fn init_audit(ident: &'static str, target: &LogTarget, force_stderr: bool) {
-    let t = if force_stderr {
-        LogTarget::Stderr
-    } else {
-        target.clone()
-    };
+    let t = if force_stderr { LogTarget::Stderr } else { target.clone() };
     ctrl_exec::audit::init(ident, &t);
 }
 
 /// Does `p` exist? (for readable "missing" messages)
 pub fn missing(paths: &[&Path]) -> Vec<String> {
-    paths
-        .iter()
-        .filter(|p| !p.exists())
-        .map(|p| p.display().to_string())
-        .collect()
+    paths.iter().filter(|p| !p.exists()).map(|p| p.display().to_string()).collect()
 }

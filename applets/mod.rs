@@ -70,20 +70,9 @@ fn top_help() -> String {
         ctrl_exec::VERSION
     );
     for r in ROLES {
-        let sel = if r.sub.is_empty() {
-            String::from("(default)")
-        } else {
-            format!("ctrl-exec {}", r.sub)
-        };
-        let aliases = if r.aliases.is_empty() {
-            String::new()
-        } else {
-            format!("; also {}", r.aliases.join(", "))
-        };
-        s.push_str(&format!(
-            "  {:<17} {:<19} {}{}\n",
-            r.name, sel, r.summary, aliases
-        ));
+        let sel = if r.sub.is_empty() { String::from("(default)") } else { format!("ctrl-exec {}", r.sub) };
+        let aliases = if r.aliases.is_empty() { String::new() } else { format!("; also {}", r.aliases.join(", ")) };
+        s.push_str(&format!("  {:<17} {:<19} {}{}\n", r.name, sel, r.summary, aliases));
     }
     s.push_str(
         "\nOperator verbs:\n\
@@ -124,13 +113,8 @@ fn install_links(dir: &str) -> u8 {
 
 /// Run the binary with its full argv; returns the exit code.
 pub fn dispatch(argv: Vec<String>) -> u8 {
-    let prog = argv
-        .first()
-        .map(|s| basename(s).to_string())
-        .unwrap_or_else(|| "ctrl-exec".into());
-    let by_name = ROLES
-        .iter()
-        .find(|r| r.name == prog || r.aliases.contains(&prog.as_str()));
+    let prog = argv.first().map(|s| basename(s).to_string()).unwrap_or_else(|| "ctrl-exec".into());
+    let by_name = ROLES.iter().find(|r| r.name == prog || r.aliases.contains(&prog.as_str()));
     let (role, invoked, rest): (&Role, String, &[String]) = match by_name {
         Some(r) if !r.sub.is_empty() => (r, prog.clone(), &argv[1..]),
         _ => {
@@ -169,11 +153,7 @@ pub fn dispatch(argv: Vec<String>) -> u8 {
         }
     }
     if first == Some("--version") {
-        let name = if role.sub.is_empty() {
-            "ctrl-exec"
-        } else {
-            role.name
-        };
+        let name = if role.sub.is_empty() { "ctrl-exec" } else { role.name };
         println!("{name} {}", ctrl_exec::VERSION);
         return EXIT_OK;
     }

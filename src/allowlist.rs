@@ -70,8 +70,7 @@ pub fn inside_dirs(path: &Path, dirs: &[PathBuf]) -> bool {
     let Ok(real) = std::fs::canonicalize(path) else {
         return false;
     };
-    dirs.iter()
-        .any(|d| std::fs::canonicalize(d).is_ok_and(|rd| real.starts_with(&rd)))
+    dirs.iter().any(|d| std::fs::canonicalize(d).is_ok_and(|rd| real.starts_with(&rd)))
 }
 
 fn is_annotation(tok: &str) -> Option<(&str, &str)> {
@@ -88,21 +87,14 @@ impl Allowlist {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let mut warn = |msg: String| {
-                list.warnings
-                    .push(format!("{}:{}: {msg}", path.display(), i + 1))
-            };
+            let mut warn = |msg: String| list.warnings.push(format!("{}:{}: {msg}", path.display(), i + 1));
             let Some((name, value)) = line.split_once('=') else {
-                warn(format!(
-                    "skipped '{line}': expected '<name> = <absolute path>'"
-                ));
+                warn(format!("skipped '{line}': expected '<name> = <absolute path>'"));
                 continue;
             };
             let name = name.trim();
             if !valid_script_name(name) {
-                warn(format!(
-                    "skipped '{name}': names may only hold letters, digits, '_' and '-'"
-                ));
+                warn(format!("skipped '{name}': names may only hold letters, digits, '_' and '-'"));
                 continue;
             }
             let mut paths = Vec::new();
@@ -111,16 +103,11 @@ impl Allowlist {
             let mut bad = None;
             for tok in value.split_whitespace() {
                 match is_annotation(tok) {
-                    Some(("profile", v)) if !v.is_empty() => profile = v.to_string(),
-                    Some(("timeout", v)) => match v.trim_end_matches('s').parse::<u64>() {
-                        Ok(s) if (1..=7 * 86_400).contains(&s) => {
-                            timeout = Some(Duration::from_secs(s))
-                        }
-                        _ => {
-                            bad = Some(format!(
-                                "invalid timeout '{v}' (whole seconds, 1 to 604800)"
-                            ))
-                        }
+                    Some(("profile", "")) => bad = Some("empty profile= annotation".to_string()),
+                    Some(("profile", v)) => profile = v.to_string(),
+                    Some(("timeout", v)) => match v.strip_suffix('s').unwrap_or(v).parse::<u64>() {
+                        Ok(s) if (1..=7 * 86_400).contains(&s) => timeout = Some(Duration::from_secs(s)),
+                        _ => bad = Some(format!("invalid timeout '{v}' (whole seconds, 1 to 604800)")),
                     },
                     Some((k, _)) => warn(format!("'{name}': unknown annotation '{k}' ignored")),
                     None => paths.push(tok),
@@ -131,12 +118,8 @@ impl Allowlist {
                 (None, []) => Some("no path".to_string()),
                 (None, [_, _, ..]) => Some("more than one path".to_string()),
                 (None, [p]) if !p.starts_with('/') => Some(format!("path '{p}' is not absolute")),
-                (None, [p])
-                    if !script_dirs.is_empty() && !inside_dirs(Path::new(p), script_dirs) =>
-                {
-                    Some(format!(
-                        "path '{p}' is not inside script_dirs (or does not exist)"
-                    ))
+                (None, [p]) if !script_dirs.is_empty() && !inside_dirs(Path::new(p), script_dirs) => {
+                    Some(format!("path '{p}' is not inside script_dirs (or does not exist)"))
                 }
                 _ => None,
             };
@@ -144,12 +127,7 @@ impl Allowlist {
                 warn(format!("skipped '{name}': {r}"));
                 continue;
             }
-            let script = Script {
-                name: name.to_string(),
-                path: PathBuf::from(paths[0]),
-                profile,
-                timeout,
-            };
+            let script = Script { name: name.to_string(), path: PathBuf::from(paths[0]), profile, timeout };
             if list.scripts.insert(name.to_string(), script).is_some() {
                 warn(format!("'{name}' listed again: the later line wins"));
             }
@@ -190,11 +168,7 @@ mod tests {
         assert_eq!(slow.profile, "web");
         assert_eq!(l.scripts["echo"].path, PathBuf::from("/usr/bin/echo"));
         assert_eq!(l.scripts["fut"].profile, "default");
-        assert!(
-            l.warnings.iter().any(|w| w.contains("s.conf:4:")),
-            "{:?}",
-            l.warnings
-        );
+        assert!(l.warnings.iter().any(|w| w.contains("s.conf:4:")), "{:?}", l.warnings);
         assert_eq!(l.warnings.len(), 7, "{:?}", l.warnings);
     }
 
@@ -206,10 +180,7 @@ mod tests {
         std::fs::write(ok_dir.join("a.sh"), "#!/bin/sh\n").unwrap();
         std::fs::write(d.path().join("outside.sh"), "#!/bin/sh\n").unwrap();
         std::os::unix::fs::symlink(d.path().join("outside.sh"), ok_dir.join("link.sh")).unwrap();
-        let text = format!(
-            "a = {0}/a.sh\nlink = {0}/link.sh\ndotdot = {0}/../outside.sh\n",
-            ok_dir.display()
-        );
+        let text = format!("a = {0}/a.sh\nlink = {0}/link.sh\ndotdot = {0}/../outside.sh\n", ok_dir.display());
         let all = Allowlist::parse(Path::new("s"), &text, &[]);
         let dirs = vec![ok_dir.clone()];
         let cases = [

@@ -45,9 +45,7 @@ fn push_value(out: &mut String, v: &str) {
     } else {
         v
     };
-    let needs_quotes = v
-        .chars()
-        .any(|c| c.is_whitespace() || c == '"' || c == '\\' || c.is_control());
+    let needs_quotes = v.chars().any(|c| c.is_whitespace() || c == '"' || c == '\\' || c.is_control());
     if !needs_quotes {
         out.push_str(v);
         return;
@@ -120,13 +118,7 @@ impl Sink {
         let _ = writeln!(e, "{}: {}", self.ident, line);
     }
 
-    fn to_syslog(
-        &self,
-        path: &PathBuf,
-        sock: &Mutex<Option<UnixDatagram>>,
-        sev: u8,
-        line: &str,
-    ) -> bool {
+    fn to_syslog(&self, path: &PathBuf, sock: &Mutex<Option<UnixDatagram>>, sev: u8, line: &str) -> bool {
         const DAEMON: u8 = 3;
         let msg = format!(
             "<{}>{} {}[{}]: {}",
@@ -191,15 +183,7 @@ mod tests {
 
     #[test]
     fn action_first_then_sorted() {
-        let l = format_line(
-            "run",
-            &[
-                ("SCRIPT", "echo"),
-                ("EXIT", "0"),
-                ("REQID", "ab"),
-                ("DISPATCHER", ""),
-            ],
-        );
+        let l = format_line("run", &[("SCRIPT", "echo"), ("EXIT", "0"), ("REQID", "ab"), ("DISPATCHER", "")]);
         assert_eq!(l, "ACTION=run DISPATCHER= EXIT=0 REQID=ab SCRIPT=echo");
     }
 
@@ -224,37 +208,18 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("log.sock");
         let rx = UnixDatagram::bind(&path).unwrap();
-        let sink = Sink {
-            ident: "ctrl-exec-agent",
-            socket: Some((path.clone(), Mutex::new(None))),
-        };
-        assert!(sink.to_syslog(
-            &path,
-            sink.socket.as_ref().map(|s| &s.1).unwrap(),
-            4,
-            "ACTION=deny X=1"
-        ));
+        let sink = Sink { ident: "ctrl-exec-agent", socket: Some((path.clone(), Mutex::new(None))) };
+        assert!(sink.to_syslog(&path, sink.socket.as_ref().map(|s| &s.1).unwrap(), 4, "ACTION=deny X=1"));
         let mut buf = [0u8; 512];
         let n = rx.recv(&mut buf).unwrap();
         let msg = std::str::from_utf8(&buf[..n]).unwrap();
         assert!(msg.starts_with("<28>"), "{msg}");
-        assert!(
-            msg.contains(&format!(
-                " ctrl-exec-agent[{}]: ACTION=deny X=1",
-                std::process::id()
-            )),
-            "{msg}"
-        );
+        assert!(msg.contains(&format!(" ctrl-exec-agent[{}]: ACTION=deny X=1", std::process::id())), "{msg}");
         // re-created socket (a syslogd restart) is picked up without reconnecting
         drop(rx);
         std::fs::remove_file(&path).unwrap();
         let rx = UnixDatagram::bind(&path).unwrap();
-        assert!(sink.to_syslog(
-            &path,
-            sink.socket.as_ref().map(|s| &s.1).unwrap(),
-            6,
-            "ACTION=ping"
-        ));
+        assert!(sink.to_syslog(&path, sink.socket.as_ref().map(|s| &s.1).unwrap(), 6, "ACTION=ping"));
         let n = rx.recv(&mut buf).unwrap();
         assert!(std::str::from_utf8(&buf[..n]).unwrap().starts_with("<30>"));
     }

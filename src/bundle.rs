@@ -29,17 +29,14 @@ use std::fmt;
 use std::path::Path;
 
 use crate::fsutil;
+use crate::trust::TrustedMap;
 
 const BEGIN: &str = "-----BEGIN CTRL-EXEC AGENT BUNDLE-----";
 const END: &str = "-----END CTRL-EXEC AGENT BUNDLE-----";
 
 /// Files a bundle may carry, with their modes.
-pub const FILES: [(&str, u32); 4] = [
-    ("agent.key", 0o600),
-    ("agent.crt", 0o644),
-    ("ca.crt", 0o644),
-    ("ctrl-exec-dispatchers", 0o644),
-];
+pub const FILES: [(&str, u32); 4] =
+    [("agent.key", 0o600), ("agent.crt", 0o644), ("ca.crt", 0o644), ("ctrl-exec-dispatchers", 0o644)];
 
 /// A bundle problem.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,11 +83,7 @@ impl Bundle {
             format!("Bind: {}", self.bind),
         ];
         for (name, data) in &self.files {
-            lines.push(format!(
-                "File: {name} {:o} {}",
-                mode_of(name).unwrap_or(0o600),
-                data.len()
-            ));
+            lines.push(format!("File: {name} {:o} {}", mode_of(name).unwrap_or(0o600), data.len()));
             let b64 = openssl::base64::encode_block(data);
             for chunk in b64.as_bytes().chunks(76) {
                 lines.push(String::from_utf8_lossy(chunk).into_owned());
@@ -105,9 +98,7 @@ impl Bundle {
         let e = |m: &str| BundleError(m.to_string());
         let mut lines = text.lines().map(|l| l.trim());
         if !lines.by_ref().any(|l| l.ends_with(BEGIN)) {
-            return Err(e(
-                "no bundle found: expected a line '-----BEGIN CTRL-EXEC AGENT BUNDLE-----'",
-            ));
+            return Err(e("no bundle found: expected a line '-----BEGIN CTRL-EXEC AGENT BUNDLE-----'"));
         }
         let mut body = Vec::new();
         let mut sum = None;
@@ -122,14 +113,10 @@ impl Bundle {
             }
         }
         let Some(sum) = sum else {
-            return Err(e(
-                "bundle is incomplete (no Sha256 line): it was cut off in transit; send it again",
-            ));
+            return Err(e("bundle is incomplete (no Sha256 line): it was cut off in transit; send it again"));
         };
         if crate::wire::hex(&openssl::sha::sha256(body.join("\n").as_bytes())) != sum {
-            return Err(e(
-                "bundle is damaged (checksum mismatch): send it again; nothing was installed",
-            ));
+            return Err(e("bundle is damaged (checksum mismatch): send it again; nothing was installed"));
         }
         let mut name = None;
         let mut port = None;
@@ -144,40 +131,33 @@ impl Bundle {
                 bind = v.trim().to_string();
             } else if let Some(v) = l.strip_prefix("File:") {
                 let mut it = v.split_whitespace();
-                let (Some(n), Some(_mode), Some(len)) =
-                    (it.next(), it.next(), it.next().and_then(|s| s.parse().ok()))
+                let (Some(n), Some(_mode), Some(len)) = (it.next(), it.next(), it.next().and_then(|s| s.parse().ok()))
                 else {
                     return Err(e("malformed File line in bundle"));
                 };
                 if mode_of(n).is_none() {
-                    return Err(BundleError(format!(
-                        "bundle carries an unexpected file '{n}'"
-                    )));
+                    return Err(BundleError(format!("bundle carries an unexpected file '{n}'")));
                 }
                 files.push((n.to_string(), len, String::new()));
             } else if l.starts_with("Version:") {
                 if l != "Version: 1" {
-                    return Err(e(
-                        "bundle version not supported by this ctrl-exec; upgrade the agent",
-                    ));
+                    return Err(e("bundle version not supported by this ctrl-exec; upgrade the agent"));
                 }
             } else if let Some(f) = files.last_mut() {
                 f.2.push_str(l);
             }
         }
-        let name = name
-            .filter(|n| crate::wire::valid_agent_name(n))
-            .ok_or_else(|| e("bundle has no valid Name"))?;
-        let port = port.ok_or_else(|| e("bundle has no valid Port"))?;
+        let name = name.filter(|n| crate::wire::valid_agent_name(n)).ok_or_else(|| e("bundle has no valid Name"))?;
+        let port = port.filter(|p| *p > 0).ok_or_else(|| e("bundle has no valid Port"))?;
+        if bind.parse::<std::net::IpAddr>().is_err() {
+            return Err(BundleError(format!("bundle has an invalid Bind address '{bind}'")));
+        }
         let mut out = Vec::new();
         for (n, len, b64) in files {
             let data = openssl::base64::decode_block(&b64)
                 .map_err(|_| BundleError(format!("file '{n}' is not valid base64")))?;
             if data.len() != len {
-                return Err(BundleError(format!(
-                    "file '{n}' has {} bytes, expected {len}",
-                    data.len()
-                )));
+                return Err(BundleError(format!("file '{n}' has {} bytes, expected {len}", data.len())));
             }
             out.push((n, data));
         }
@@ -186,20 +166,11 @@ impl Bundle {
                 return Err(BundleError(format!("bundle lacks {n}")));
             }
         }
-        Ok(Bundle {
-            name,
-            port,
-            bind,
-            files: out,
-        })
+        Ok(Bundle { name, port, bind, files: out })
     }
 
     fn file(&self, name: &str) -> &[u8] {
-        self.files
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, d)| d.as_slice())
-            .unwrap_or(&[])
+        self.files.iter().find(|(n, _)| n == name).map(|(_, d)| d.as_slice()).unwrap_or(&[])
     }
 
     /// Write the identity into `dir`. Returns one line per file for the operator.
@@ -217,37 +188,98 @@ impl Bundle {
             )));
         }
         let mut report = Vec::new();
-        // Key first, certificate last: a crash in between leaves a state the
-        // agent refuses to serve with (key/cert mismatch), and re-running the
-        // install finishes it.
-        for name in ["agent.key", "ca.crt", "ctrl-exec-dispatchers", "agent.crt"] {
-            let p = dir.join(name);
-            let data = self.file(name);
-            if std::fs::read(&p).is_ok_and(|d| d == data) && fsutil::mode_of(&p) == mode_of(name) {
+        let mut put = |p: &Path, data: &[u8], mode: u32| -> Result<(), BundleError> {
+            if std::fs::read(p).is_ok_and(|d| d == data) {
                 report.push(format!("unchanged {}", p.display()));
-                continue;
+                return Ok(());
             }
-            fsutil::atomic_write(&p, data, mode_of(name).unwrap_or(0o600)).map_err(fs_err)?;
+            fsutil::atomic_replace(p, data, mode).map_err(fs_err)?;
             report.push(format!("wrote     {}", p.display()));
-        }
-        for (name, text, mode) in [
-            (
-                "agent.conf",
-                agent_conf(&self.name, self.port, &self.bind),
-                0o640,
-            ),
-            ("scripts.conf", SCRIPTS_TEMPLATE.to_string(), 0o640),
-        ] {
-            let p = dir.join(name);
-            if p.exists() {
-                report.push(format!("kept      {} (already present)", p.display()));
-            } else {
-                fsutil::atomic_write(&p, text.as_bytes(), mode).map_err(fs_err)?;
-                report.push(format!("wrote     {}", p.display()));
+            Ok(())
+        };
+        // Key first, certificate last: a crash in between leaves a key/cert
+        // mismatch the agent refuses to serve with, and re-running the
+        // install finishes it.
+        put(&key_path, self.file("agent.key"), 0o600)?;
+        put(&dir.join("ca.crt"), self.file("ca.crt"), 0o644)?;
+        // The trusted map is merged, not replaced: entries for other
+        // dispatchers sharing this agent survive.
+        let map_path = dir.join("ctrl-exec-dispatchers");
+        let mut map = TrustedMap::load(&map_path).map(|l| l.value).unwrap_or_default();
+        let incoming = TrustedMap::parse(&String::from_utf8_lossy(self.file("ctrl-exec-dispatchers")));
+        map.0.extend(incoming.0);
+        put(&map_path, map.render().as_bytes(), 0o644)?;
+        put(&dir.join("agent.crt"), self.file("agent.crt"), 0o644)?;
+        let conf = dir.join("agent.conf");
+        match std::fs::read_to_string(&conf) {
+            Ok(text) => {
+                let (updated, changes) = set_listen(&text, self.port, &self.bind);
+                if changes.is_empty() {
+                    report.push(format!("kept      {} (already present)", conf.display()));
+                } else {
+                    fsutil::atomic_replace(&conf, updated.as_bytes(), 0o640).map_err(fs_err)?;
+                    report.push(format!("updated   {} ({})", conf.display(), changes.join(", ")));
+                }
             }
+            Err(_) => {
+                fsutil::atomic_write(&conf, agent_conf(&self.name, self.port, &self.bind).as_bytes(), 0o640)
+                    .map_err(fs_err)?;
+                report.push(format!("wrote     {}", conf.display()));
+            }
+        }
+        let scripts = dir.join("scripts.conf");
+        if scripts.exists() {
+            report.push(format!("kept      {} (already present)", scripts.display()));
+        } else {
+            fsutil::atomic_write(&scripts, SCRIPTS_TEMPLATE.as_bytes(), 0o640).map_err(fs_err)?;
+            report.push(format!("wrote     {}", scripts.display()));
         }
         Ok(report)
     }
+}
+
+/// Set `port` and `bind` in an existing agent.conf, keeping every other line
+/// (comments, hand edits). Returns the new text and what changed.
+fn set_listen(text: &str, port: u16, bind: &str) -> (String, Vec<String>) {
+    let mut out = Vec::new();
+    let mut changes = Vec::new();
+    let mut seen = (false, false);
+    let mut in_main = true;
+    for line in text.lines() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            in_main = false;
+        }
+        let key = t.split('=').next().unwrap_or("").trim();
+        let value = t.split_once('=').map(|(_, v)| v.trim()).unwrap_or("");
+        if in_main && !t.starts_with('#') && (key == "port" || key == "bind") {
+            let want = if key == "port" { port.to_string() } else { bind.to_string() };
+            if key == "port" {
+                seen.0 = true
+            } else {
+                seen.1 = true
+            }
+            if value != want {
+                changes.push(format!("{key} {value} -> {want}"));
+                out.push(format!("{key} = {want}"));
+                continue;
+            }
+        }
+        out.push(line.to_string());
+    }
+    let mut head = Vec::new();
+    if !seen.0 {
+        changes.push(format!("port -> {port}"));
+        head.push(format!("port = {port}"));
+    }
+    if !seen.1 && bind != "0.0.0.0" {
+        changes.push(format!("bind -> {bind}"));
+        head.push(format!("bind = {bind}"));
+    }
+    head.extend(out);
+    let mut text = head.join("\n");
+    text.push('\n');
+    (text, changes)
 }
 
 /// A ready `agent.conf` whose paths are relative to its own directory, so the
@@ -290,12 +322,7 @@ mod tests {
             bind: "0.0.0.0".into(),
             files: FILES
                 .iter()
-                .map(|(n, _)| {
-                    (
-                        n.to_string(),
-                        format!("{n} content\n").repeat(40).into_bytes(),
-                    )
-                })
+                .map(|(n, _)| (n.to_string(), format!("{n} content\n").repeat(40).into_bytes()))
                 .collect(),
         }
     }
@@ -305,10 +332,7 @@ mod tests {
         let b = sample();
         let text = b.render();
         assert!(text.lines().all(|l| l.len() <= 76 && l.is_ascii()));
-        let noisy = format!(
-            "login: root\r\n# {}\r\ntrailing junk\n",
-            text.replace('\n', "  \r\n")
-        );
+        let noisy = format!("login: root\r\n# {}\r\ntrailing junk\n", text.replace('\n', "  \r\n"));
         assert_eq!(Bundle::parse(&noisy).unwrap(), b);
     }
 
@@ -317,23 +341,43 @@ mod tests {
         let text = sample().render();
         let lines: Vec<&str> = text.lines().collect();
         // drop a line in the middle
-        let cut: String = lines
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != 8)
-            .map(|(_, l)| format!("{l}\n"))
-            .collect();
+        let cut: String = lines.iter().enumerate().filter(|(i, _)| *i != 8).map(|(_, l)| format!("{l}\n")).collect();
         assert!(Bundle::parse(&cut).unwrap_err().0.contains("checksum"));
         // cut off before the end
-        let short: String = lines[..lines.len() - 3]
-            .iter()
-            .map(|l| format!("{l}\n"))
-            .collect();
+        let short: String = lines[..lines.len() - 3].iter().map(|l| format!("{l}\n")).collect();
         assert!(Bundle::parse(&short).unwrap_err().0.contains("incomplete"));
         // a flipped character
         let flipped = text.replacen("Port: 7443", "Port: 7444", 1);
         assert!(Bundle::parse(&flipped).is_err());
         assert!(Bundle::parse("hello").is_err());
+    }
+
+    #[test]
+    fn reinstall_updates_the_port_and_merges_trust() {
+        let d = tempfile::tempdir().unwrap();
+        let mut b = sample();
+        b.files[3].1 = b"2 disp-a\n".to_vec();
+        b.install(d.path(), false).unwrap();
+        let conf = d.path().join("agent.conf");
+        let text = std::fs::read_to_string(&conf).unwrap().replace("# max_output = 1048576", "max_output = 5000");
+        std::fs::write(&conf, text).unwrap();
+        std::fs::write(d.path().join("ctrl-exec-dispatchers"), "2 disp-a\n7b disp-b\n").unwrap();
+        b.port = 7444;
+        b.bind = "127.0.0.1".into();
+        let report = b.install(d.path(), false).unwrap();
+        assert!(
+            report.iter().any(|l| l.contains("port 7443 -> 7444") && l.contains("bind 0.0.0.0 -> 127.0.0.1")),
+            "{report:?}"
+        );
+        let text = std::fs::read_to_string(&conf).unwrap();
+        assert!(
+            text.contains("\nport = 7444\n")
+                && text.contains("\nbind = 127.0.0.1\n")
+                && text.contains("max_output = 5000")
+        );
+        let map = std::fs::read_to_string(d.path().join("ctrl-exec-dispatchers")).unwrap();
+        assert!(map.contains("2 disp-a\n") && map.contains("7b disp-b\n"), "{map}");
+        crate::config::AgentConfig::load(&conf).unwrap();
     }
 
     #[test]
@@ -344,27 +388,12 @@ mod tests {
         assert_eq!(fsutil::mode_of(&d.path().join("agent.key")), Some(0o600));
         std::fs::write(d.path().join("scripts.conf"), "mine = /bin/true\n").unwrap();
         let again = b.install(d.path(), false).unwrap();
-        assert!(
-            again.iter().filter(|l| l.starts_with("unchanged")).count() == 4,
-            "{again:?}"
-        );
-        assert_eq!(
-            std::fs::read_to_string(d.path().join("scripts.conf")).unwrap(),
-            "mine = /bin/true\n"
-        );
+        assert!(again.iter().filter(|l| l.starts_with("unchanged")).count() == 4, "{again:?}");
+        assert_eq!(std::fs::read_to_string(d.path().join("scripts.conf")).unwrap(), "mine = /bin/true\n");
         let mut other = sample();
         other.files[0].1 = b"another key".to_vec();
-        assert!(
-            other
-                .install(d.path(), false)
-                .unwrap_err()
-                .0
-                .contains("different key")
-        );
+        assert!(other.install(d.path(), false).unwrap_err().0.contains("different key"));
         other.install(d.path(), true).unwrap();
-        assert_eq!(
-            std::fs::read(d.path().join("agent.key")).unwrap(),
-            b"another key"
-        );
+        assert_eq!(std::fs::read(d.path().join("agent.key")).unwrap(), b"another key");
     }
 }

@@ -74,12 +74,7 @@ impl Default for KeyType {
 impl KeyType {
     /// Parse `rsa4096`, `rsa:3072`, `rsa2048`, `ec256`, `p256`, `ec`.
     pub fn parse(s: &str) -> Option<KeyType> {
-        match s
-            .trim()
-            .to_ascii_lowercase()
-            .replace([':', '-'], "")
-            .as_str()
-        {
+        match s.trim().to_ascii_lowercase().replace([':', '-'], "").as_str() {
             "rsa" | "rsa4096" => Some(KeyType::Rsa(4096)),
             "rsa3072" => Some(KeyType::Rsa(3072)),
             "rsa2048" => Some(KeyType::Rsa(2048)),
@@ -116,18 +111,14 @@ pub fn key_pem(key: &PKey<Private>) -> Result<Vec<u8>, CaError> {
 
 /// Load a PEM private key (PKCS#1 or PKCS#8, RSA or EC).
 pub fn load_key(path: &Path) -> Result<PKey<Private>, CaError> {
-    let pem = std::fs::read(path)
-        .map_err(|e| CaError(format!("cannot read key {}: {e}", path.display())))?;
-    PKey::private_key_from_pem(&pem)
-        .map_err(|e| CaError(format!("{} is not a PEM private key: {e}", path.display())))
+    let pem = std::fs::read(path).map_err(|e| CaError(format!("cannot read key {}: {e}", path.display())))?;
+    PKey::private_key_from_pem(&pem).map_err(|e| CaError(format!("{} is not a PEM private key: {e}", path.display())))
 }
 
 /// Load a PEM certificate.
 pub fn load_cert(path: &Path) -> Result<X509, CaError> {
-    let pem = std::fs::read(path)
-        .map_err(|e| CaError(format!("cannot read certificate {}: {e}", path.display())))?;
-    X509::from_pem(&pem)
-        .map_err(|e| CaError(format!("{} is not a PEM certificate: {e}", path.display())))
+    let pem = std::fs::read(path).map_err(|e| CaError(format!("cannot read certificate {}: {e}", path.display())))?;
+    X509::from_pem(&pem).map_err(|e| CaError(format!("{} is not a PEM certificate: {e}", path.display())))
 }
 
 fn name_cn(cn: &str) -> Result<openssl::x509::X509Name, CaError> {
@@ -158,13 +149,7 @@ pub fn create_ca(key: &PKey<Private>, cn: &str, days: u32) -> Result<X509, CaErr
     b.set_not_before(&nb)?;
     b.set_not_after(&na)?;
     b.append_extension(BasicConstraints::new().critical().ca().build()?)?;
-    b.append_extension(
-        KeyUsage::new()
-            .critical()
-            .key_cert_sign()
-            .crl_sign()
-            .build()?,
-    )?;
+    b.append_extension(KeyUsage::new().critical().key_cert_sign().crl_sign().build()?)?;
     let skid = SubjectKeyIdentifier::new().build(&b.x509v3_context(None, None))?;
     b.append_extension(skid)?;
     b.sign(key, MessageDigest::sha256())?;
@@ -194,38 +179,25 @@ pub const MAX_CSR: usize = 10_240;
 pub fn check_csr(pem: &[u8], expected_cn: Option<&str>) -> Result<X509Req, CaError> {
     use foreign_types::ForeignTypeRef;
     if pem.len() > MAX_CSR {
-        return Err(CaError(format!(
-            "CSR too large ({} bytes, limit {MAX_CSR})",
-            pem.len()
-        )));
+        return Err(CaError(format!("CSR too large ({} bytes, limit {MAX_CSR})", pem.len())));
     }
     let text = std::str::from_utf8(pem).map_err(|_| CaError("CSR is not text".into()))?;
-    if !text
-        .trim_start()
-        .starts_with("-----BEGIN CERTIFICATE REQUEST-----")
-    {
+    if !text.trim_start().starts_with("-----BEGIN CERTIFICATE REQUEST-----") {
         return Err(CaError("CSR must be a PEM certificate request".into()));
     }
     let req = X509Req::from_pem(pem).map_err(|_| CaError("CSR cannot be parsed".into()))?;
-    let pubkey: PKey<Public> = req
-        .public_key()
-        .map_err(|_| CaError("CSR has no usable public key".into()))?;
+    let pubkey: PKey<Public> = req.public_key().map_err(|_| CaError("CSR has no usable public key".into()))?;
     if !req.verify(&pubkey).unwrap_or(false) {
         return Err(CaError("CSR self-signature does not verify".into()));
     }
     match pubkey.id() {
         openssl::pkey::Id::RSA if pubkey.bits() < 2048 => {
-            return Err(CaError(format!(
-                "CSR key too weak ({} bits, need at least 2048)",
-                pubkey.bits()
-            )));
+            return Err(CaError(format!("CSR key too weak ({} bits, need at least 2048)", pubkey.bits())));
         }
         openssl::pkey::Id::RSA => {}
         openssl::pkey::Id::EC if pubkey.bits() >= 256 => {}
         _ => {
-            return Err(CaError(
-                "CSR key must be RSA (≥ 2048 bits) or EC (≥ 256 bits)".into(),
-            ));
+            return Err(CaError("CSR key must be RSA (≥ 2048 bits) or EC (≥ 256 bits)".into()));
         }
     }
     // SAFETY: req is a live X509_REQ; the function only reads it.
@@ -246,9 +218,7 @@ pub fn check_csr(pem: &[u8], expected_cn: Option<&str>) -> Result<X509Req, CaErr
     if let Some(want) = expected_cn {
         let cn = req_cn(&req).unwrap_or_default();
         if cn != want {
-            return Err(CaError(format!(
-                "CSR common name '{cn}' does not match '{want}'"
-            )));
+            return Err(CaError(format!("CSR common name '{cn}' does not match '{want}'")));
         }
     }
     Ok(req)
@@ -256,22 +226,12 @@ pub fn check_csr(pem: &[u8], expected_cn: Option<&str>) -> Result<X509Req, CaErr
 
 /// Common name of a CSR.
 pub fn req_cn(req: &X509Req) -> Option<String> {
-    req.subject_name()
-        .entries_by_nid(Nid::COMMONNAME)
-        .next()?
-        .data()
-        .to_string()
-        .ok()
+    req.subject_name().entries_by_nid(Nid::COMMONNAME).next()?.data().to_string().ok()
 }
 
 /// Common name of a certificate.
 pub fn cert_cn(cert: &X509) -> Option<String> {
-    cert.subject_name()
-        .entries_by_nid(Nid::COMMONNAME)
-        .next()?
-        .data()
-        .to_string()
-        .ok()
+    cert.subject_name().entries_by_nid(Nid::COMMONNAME).next()?.data().to_string().ok()
 }
 
 /// Canonical serial of a certificate (see [`crate::wire::canonical_serial`]).
@@ -310,24 +270,11 @@ pub fn sign_leaf(
     b.set_not_before(&nb)?;
     b.set_not_after(&na)?;
     b.append_extension(BasicConstraints::new().build()?)?;
-    b.append_extension(
-        KeyUsage::new()
-            .critical()
-            .digital_signature()
-            .key_encipherment()
-            .build()?,
-    )?;
-    b.append_extension(
-        ExtendedKeyUsage::new()
-            .server_auth()
-            .client_auth()
-            .build()?,
-    )?;
+    b.append_extension(KeyUsage::new().critical().digital_signature().key_encipherment().build()?)?;
+    b.append_extension(ExtendedKeyUsage::new().server_auth().client_auth().build()?)?;
     let skid = SubjectKeyIdentifier::new().build(&b.x509v3_context(Some(ca_cert), None))?;
     b.append_extension(skid)?;
-    let akid = AuthorityKeyIdentifier::new()
-        .keyid(false)
-        .build(&b.x509v3_context(Some(ca_cert), None))?;
+    let akid = AuthorityKeyIdentifier::new().keyid(false).build(&b.x509v3_context(Some(ca_cert), None))?;
     b.append_extension(akid)?;
     b.sign(ca_key, MessageDigest::sha256())?;
     Ok(b.build())
@@ -337,18 +284,13 @@ pub fn sign_leaf(
 /// bytes big-endian, modulo 1 000 000, zero-padded.
 pub fn pairing_code(csr_pem: &[u8]) -> String {
     let d = openssl::sha::sha256(csr_pem);
-    format!(
-        "{:06}",
-        u32::from_be_bytes([d[0], d[1], d[2], d[3]]) % 1_000_000
-    )
+    format!("{:06}", u32::from_be_bytes([d[0], d[1], d[2], d[3]]) % 1_000_000)
 }
 
 /// Does `cert` verify against exactly this CA certificate?
 pub fn verifies_against(cert: &X509, ca: &X509) -> bool {
     match ca.public_key() {
-        Ok(k) => {
-            cert.verify(&k).unwrap_or(false) && cert.issuer_name_hash() == ca.subject_name_hash()
-        }
+        Ok(k) => cert.verify(&k).unwrap_or(false) && cert.issuer_name_hash() == ca.subject_name_hash(),
         Err(_) => false,
     }
 }
@@ -377,8 +319,8 @@ impl CaFiles {
         }
     }
 
-    /// Create the CA. Refuses if a CA key or certificate is already there.
-    pub fn create(&self, key_type: KeyType, days: u32) -> Result<X509, CaError> {
+    /// Refuse early if a CA key or certificate is already there.
+    pub fn check_absent(&self) -> Result<(), CaError> {
         for p in [&self.key, &self.cert] {
             if p.exists() {
                 return Err(CaError(format!(
@@ -387,6 +329,12 @@ impl CaFiles {
                 )));
             }
         }
+        Ok(())
+    }
+
+    /// Create the CA. Refuses if a CA key or certificate is already there.
+    pub fn create(&self, key_type: KeyType, days: u32) -> Result<X509, CaError> {
+        self.check_absent()?;
         if let Some(d) = self.key.parent() {
             fsutil::ensure_dir(d, 0o750)?;
         }
@@ -413,27 +361,15 @@ impl CaFiles {
     }
 
     /// Sign `pubkey` as `CN=<cn>` with the next serial, under the signing lock.
-    pub fn issue(
-        &self,
-        pubkey: &openssl::pkey::PKeyRef<Public>,
-        cn: &str,
-        days: u32,
-    ) -> Result<X509, CaError> {
+    pub fn issue(&self, pubkey: &openssl::pkey::PKeyRef<Public>, cn: &str, days: u32) -> Result<X509, CaError> {
         let (ca_cert, ca_key) = self.load()?;
         let _lock = FileLock::exclusive(&self.lock)?;
         let last = match std::fs::read_to_string(&self.serial) {
-            Ok(s) => BigNum::from_hex_str(s.trim()).map_err(|_| {
-                CaError(format!(
-                    "{} does not hold a hex serial",
-                    self.serial.display()
-                ))
-            })?,
+            Ok(s) => BigNum::from_hex_str(s.trim())
+                .map_err(|_| CaError(format!("{} does not hold a hex serial", self.serial.display())))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BigNum::from_u32(1)?,
             Err(e) => {
-                return Err(CaError(format!(
-                    "cannot read {}: {e}",
-                    self.serial.display()
-                )));
+                return Err(CaError(format!("cannot read {}: {e}", self.serial.display())));
             }
         };
         let mut next = BigNum::new()?;
@@ -465,10 +401,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let files = CaFiles::new(&d.path().join("ca.crt"), d.path());
         let ca = files.create(KeyType::EcP256, 30).unwrap();
-        assert!(
-            files.create(KeyType::EcP256, 30).is_err(),
-            "must refuse to overwrite"
-        );
+        assert!(files.create(KeyType::EcP256, 30).is_err(), "must refuse to overwrite");
         let key = KeyType::EcP256.generate().unwrap();
         let pk = PKey::public_key_from_pem(&key.public_key_to_pem().unwrap()).unwrap();
         let a = files.issue(&pk, "agent1", 10).unwrap();

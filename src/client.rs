@@ -97,20 +97,14 @@ impl CallError {
 fn classify(e: &io::Error) -> CallError {
     match e.raw_os_error() {
         Some(libc::ECONNREFUSED) => CallError::Refused,
-        Some(libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN | libc::ENETDOWN) => {
-            CallError::Unreachable
-        }
+        Some(libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN | libc::ENETDOWN) => CallError::Unreachable,
         Some(libc::ETIMEDOUT) => CallError::ConnectTimeout,
         _ => CallError::Io(e.to_string()),
     }
 }
 
 async fn addresses(t: &Target) -> Result<Vec<SocketAddr>, CallError> {
-    if let Ok(ip) = t
-        .addr
-        .trim_matches(|c| c == '[' || c == ']')
-        .parse::<IpAddr>()
-    {
+    if let Ok(ip) = t.addr.trim_matches(|c| c == '[' || c == ']').parse::<IpAddr>() {
         return Ok(vec![SocketAddr::new(ip, t.port)]);
     }
     // getaddrinfo blocks: smol runs it on its small blocking pool.
@@ -121,29 +115,21 @@ async fn addresses(t: &Target) -> Result<Vec<SocketAddr>, CallError> {
 }
 
 /// Connect and complete the mTLS handshake.
-pub async fn connect(
-    ctx: &SslContext,
-    t: &Target,
-    timeout: Duration,
-) -> Result<TlsStream, CallError> {
+pub async fn connect(ctx: &SslContext, t: &Target, timeout: Duration) -> Result<TlsStream, CallError> {
     let attempt = async {
         let mut last = CallError::Resolve;
         for addr in addresses(t).await? {
             match Async::<TcpStream>::connect(addr).await {
                 Ok(tcp) => {
                     let _ = tcp.get_ref().set_nodelay(true);
-                    return TlsStream::connect(ctx, tcp)
-                        .await
-                        .map_err(|e| CallError::Tls(e.0));
+                    return TlsStream::connect(ctx, tcp).await.map_err(|e| CallError::Tls(e.0));
                 }
                 Err(e) => last = classify(&e),
             }
         }
         Err(last)
     };
-    crate::time::timeout(timeout, attempt)
-        .await
-        .unwrap_or(Err(CallError::ConnectTimeout))
+    crate::time::timeout(timeout, attempt).await.unwrap_or(Err(CallError::ConnectTimeout))
 }
 
 /// Largest reply we accept (two capped outputs, JSON-escaped, fit easily).
@@ -163,13 +149,13 @@ pub async fn exchange<C: http::Conn>(
         let wrote = http::write_request(conn, method, path, host_header, body).await;
         match http::read_response(conn, MAX_RESPONSE).await {
             Ok(r) => Ok(r),
+            // TLS 1.3 delivers the agent's verdict on our certificate with the first read.
+            Err(HttpError::Io(e)) if e.to_string().contains("alert") => Err(CallError::Tls(e.to_string())),
             Err(HttpError::Io(e)) => Err(CallError::Io(wrote.err().unwrap_or(e).to_string())),
             Err(HttpError::Status(_, m)) => Err(CallError::Io(m.to_string())),
         }
     };
-    crate::time::timeout(read_timeout, work)
-        .await
-        .unwrap_or(Err(CallError::ReadTimeout(read_timeout.as_secs())))
+    crate::time::timeout(read_timeout, work).await.unwrap_or(Err(CallError::ReadTimeout(read_timeout.as_secs())))
 }
 
 /// Connect, exchange, close.

@@ -90,11 +90,7 @@ pub fn parse(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
     let mut section = Section::Main;
     let mut entries = Vec::new();
     let mut headers = Vec::new();
-    let err = |line: usize, msg: String| ConfigError {
-        path: path.to_path_buf(),
-        line: Some(line),
-        msg,
-    };
+    let err = |line: usize, msg: String| ConfigError { path: path.to_path_buf(), line: Some(line), msg };
     for (i, raw) in text.lines().enumerate() {
         let n = i + 1;
         let line = raw.trim();
@@ -103,22 +99,14 @@ pub fn parse(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
         }
         if let Some(inner) = line.strip_prefix('[') {
             let Some(inner) = inner.strip_suffix(']') else {
-                return Err(err(
-                    n,
-                    format!("malformed section header '{line}' (expected '[name]')"),
-                ));
+                return Err(err(n, format!("malformed section header '{line}' (expected '[name]')")));
             };
             let mut words = inner.split_whitespace();
             section = match (words.next(), words.next(), words.next()) {
                 (Some("tags"), None, _) => Section::Tags,
-                (Some("profile"), Some(name), None) if valid_key(name) => {
-                    Section::Profile(name.into())
-                }
+                (Some("profile"), Some(name), None) if valid_key(name) => Section::Profile(name.into()),
                 (Some("profile"), _, _) => {
-                    return Err(err(
-                        n,
-                        format!("malformed profile header '{line}' (expected '[profile <name>]')"),
-                    ));
+                    return Err(err(n, format!("malformed profile header '{line}' (expected '[profile <name>]')")));
                 }
                 (Some(other), _, _) => Section::Other(other.into()),
                 (None, _, _) => return Err(err(n, "empty section header '[]'".into())),
@@ -127,45 +115,19 @@ pub fn parse(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
             continue;
         }
         let Some((k, v)) = line.split_once('=') else {
-            return Err(err(
-                n,
-                format!(
-                    "malformed config line '{}' (expected 'key = value')",
-                    clip(line)
-                ),
-            ));
+            return Err(err(n, format!("malformed config line '{}' (expected 'key = value')", clip(line))));
         };
         let key = k.trim();
         if !valid_key(key) {
-            return Err(err(
-                n,
-                format!(
-                    "malformed config line '{}' (invalid key '{}')",
-                    clip(line),
-                    clip(key)
-                ),
-            ));
+            return Err(err(n, format!("malformed config line '{}' (invalid key '{}')", clip(line), clip(key))));
         }
-        entries.push(Entry {
-            section: section.clone(),
-            key: key.into(),
-            value: v.trim().into(),
-            line: n,
-        });
+        entries.push(Entry { section: section.clone(), key: key.into(), value: v.trim().into(), line: n });
     }
-    Ok(RawConfig {
-        path: path.to_path_buf(),
-        entries,
-        headers,
-    })
+    Ok(RawConfig { path: path.to_path_buf(), entries, headers })
 }
 
 fn clip(s: &str) -> String {
-    if s.chars().count() > 60 {
-        format!("{}…", s.chars().take(60).collect::<String>())
-    } else {
-        s.into()
-    }
+    if s.chars().count() > 60 { format!("{}…", s.chars().take(60).collect::<String>()) } else { s.into() }
 }
 
 /// Read and parse a file.
@@ -181,20 +143,11 @@ pub fn load(path: &Path) -> Result<RawConfig, ConfigError> {
 impl RawConfig {
     /// The last main-section entry for `key` (aliases tried in order).
     pub fn get(&self, keys: &[&str]) -> Option<&Entry> {
-        keys.iter().find_map(|k| {
-            self.entries
-                .iter()
-                .rev()
-                .find(|e| e.section == Section::Main && e.key == *k)
-        })
+        keys.iter().find_map(|k| self.entries.iter().rev().find(|e| e.section == Section::Main && e.key == *k))
     }
 
     fn err(&self, e: Option<&Entry>, msg: String) -> ConfigError {
-        ConfigError {
-            path: self.path.clone(),
-            line: e.map(|e| e.line),
-            msg,
-        }
+        ConfigError { path: self.path.clone(), line: e.map(|e| e.line), msg }
     }
 
     fn bad_value(&self, e: &Entry, what: &str) -> ConfigError {
@@ -203,24 +156,13 @@ impl RawConfig {
         } else {
             ""
         };
-        self.err(
-            Some(e),
-            format!(
-                "invalid value '{}' for '{}': expected {what}{hint}",
-                clip(&e.value),
-                e.key
-            ),
-        )
+        self.err(Some(e), format!("invalid value '{}' for '{}': expected {what}{hint}", clip(&e.value), e.key))
     }
 
     /// Resolve a path value relative to the config file's directory.
     pub fn resolve(&self, v: &str) -> PathBuf {
         let p = PathBuf::from(v);
-        if p.is_absolute() {
-            p
-        } else {
-            self.path.parent().unwrap_or(Path::new(".")).join(p)
-        }
+        if p.is_absolute() { p } else { self.path.parent().unwrap_or(Path::new(".")).join(p) }
     }
 
     /// A required non-empty string.
@@ -239,9 +181,7 @@ impl RawConfig {
 
     /// An optional path (empty value = unset).
     pub fn opt_path(&self, key: &str) -> Option<PathBuf> {
-        self.get(&[key])
-            .filter(|e| !e.value.is_empty())
-            .map(|e| self.resolve(&e.value))
+        self.get(&[key]).filter(|e| !e.value.is_empty()).map(|e| self.resolve(&e.value))
     }
 
     /// A path with a default.
@@ -251,9 +191,7 @@ impl RawConfig {
 
     /// An optional non-empty string.
     pub fn opt_str(&self, keys: &[&str]) -> Option<String> {
-        self.get(keys)
-            .filter(|e| !e.value.is_empty())
-            .map(|e| e.value.clone())
+        self.get(keys).filter(|e| !e.value.is_empty()).map(|e| e.value.clone())
     }
 
     /// An unsigned integer in `min..=max`, or the default.
@@ -268,13 +206,7 @@ impl RawConfig {
     }
 
     /// Seconds as a duration.
-    pub fn secs(
-        &self,
-        keys: &[&str],
-        default: u64,
-        min: u64,
-        max: u64,
-    ) -> Result<Duration, ConfigError> {
+    pub fn secs(&self, keys: &[&str], default: u64, min: u64, max: u64) -> Result<Duration, ConfigError> {
         Ok(Duration::from_secs(self.num(keys, default, min, max)?))
     }
 
@@ -320,8 +252,7 @@ impl RawConfig {
         let Some(e) = self.get(&["key_type"]) else {
             return Ok(KeyType::default());
         };
-        KeyType::parse(&e.value)
-            .ok_or_else(|| self.bad_value(e, "rsa4096, rsa3072, rsa2048 or ec256"))
+        KeyType::parse(&e.value).ok_or_else(|| self.bad_value(e, "rsa4096, rsa3072, rsa2048 or ec256"))
     }
 }
 
@@ -374,7 +305,7 @@ pub struct AgentConfig {
     pub max_children: usize,
     /// Cap on captured stdout and on stderr, each, in bytes.
     pub max_output: usize,
-    /// Time allowed for the TLS handshake plus reading one request.
+    /// One deadline for the TLS handshake and reading the request, together.
     pub request_timeout: Duration,
     /// Time in-flight runs get to finish after SIGTERM.
     pub shutdown_grace: Duration,
@@ -382,7 +313,7 @@ pub struct AgentConfig {
     pub cert_staging_path: PathBuf,
     /// Async run store.
     pub async_runs_dir: PathBuf,
-    /// Host name reported in `/ping` and `/capabilities` (`hostname`; default: the FQDN).
+    /// Host name reported in `/ping` and `/capabilities` (`hostname`; default: the kernel's host name).
     pub hostname: Option<String>,
     /// `[tags]` in file order.
     pub tags: Vec<(String, String)>,
@@ -403,26 +334,18 @@ impl AgentConfig {
         let port = {
             let e = raw.req("port")?;
             match e.value.parse::<u16>() {
-                Ok(p) => p,
-                Err(_) => return Err(raw.bad_value(e, "a port number from 0 to 65535")),
+                Ok(p) if p > 0 => p,
+                _ => return Err(raw.bad_value(e, "a port number from 1 to 65535")),
             }
         };
         let bind = raw.opt_str(&["bind"]).unwrap_or_else(|| "0.0.0.0".into());
         if bind.parse::<std::net::IpAddr>().is_err() {
             let e = raw.get(&["bind"]);
-            return Err(raw.err(
-                e,
-                format!("invalid value '{bind}' for 'bind': expected an IPv4 or IPv6 address"),
-            ));
+            return Err(raw.err(e, format!("invalid value '{bind}' for 'bind': expected an IPv4 or IPv6 address")));
         }
         let script_dirs = raw
             .opt_str(&["script_dirs"])
-            .map(|v| {
-                v.split(':')
-                    .filter(|s| !s.trim().is_empty())
-                    .map(|s| raw.resolve(s.trim()))
-                    .collect()
-            })
+            .map(|v| v.split(':').filter(|s| !s.trim().is_empty()).map(|s| raw.resolve(s.trim())).collect())
             .unwrap_or_default();
         let mut tags: Vec<(String, String)> = Vec::new();
         for e in raw.entries.iter().filter(|e| e.section == Section::Tags) {
@@ -430,8 +353,7 @@ impl AgentConfig {
             tags.push((e.key.clone(), e.value.clone()));
         }
         for e in &raw.entries {
-            if matches!(e.section, Section::Profile(_)) && e.key == "caps" && e.value.contains('#')
-            {
+            if matches!(e.section, Section::Profile(_)) && e.key == "caps" && e.value.contains('#') {
                 return Err(raw.bad_value(e, "a list of CAP_* names"));
             }
         }
@@ -450,10 +372,8 @@ impl AgentConfig {
             key: raw.req_path("key")?,
             ca: raw.req_path("ca")?,
             allowlist: raw.path_or("allowlist", AGENT_SCRIPTS),
-            trusted_dispatchers_path: raw.path_or(
-                "trusted_dispatchers_path",
-                "/var/lib/ctrl-exec-agent/ctrl-exec-dispatchers",
-            ),
+            trusted_dispatchers_path: raw
+                .path_or("trusted_dispatchers_path", "/var/lib/ctrl-exec-agent/ctrl-exec-dispatchers"),
             revoked_serials: raw.path_or("revoked_serials", "/etc/ctrl-exec-agent/revoked-serials"),
             script_dirs,
             auth_hook: raw.opt_path("auth_hook"),
@@ -463,10 +383,7 @@ impl AgentConfig {
             max_output: raw.num(&["max_output"], 1 << 20, 0, 256 << 20)? as usize,
             request_timeout: raw.secs(&["request_timeout"], 30, 1, 3600)?,
             shutdown_grace: raw.secs(&["shutdown_grace"], 30, 0, 86_400)?,
-            cert_staging_path: raw.path_or(
-                "cert_staging_path",
-                "/var/lib/ctrl-exec-agent/agent.crt.staged",
-            ),
+            cert_staging_path: raw.path_or("cert_staging_path", "/var/lib/ctrl-exec-agent/agent.crt.staged"),
             async_runs_dir: raw.path_or("async_runs_dir", "/var/lib/ctrl-exec-agent/runs"),
             hostname: raw.opt_str(&["hostname"]),
             tags,
@@ -496,7 +413,7 @@ pub struct DispatcherConfig {
     pub auth_hook: Option<PathBuf>,
     /// Hook timeout.
     pub auth_hook_timeout: Duration,
-    /// Per-host inactivity timeout.
+    /// Deadline for an agent's reply once the request is sent.
     pub read_timeout: Duration,
     /// Per-host TCP connect + TLS handshake timeout.
     pub connect_timeout: Duration,
@@ -520,15 +437,15 @@ impl DispatcherConfig {
 
     /// Type a parsed file.
     pub fn from_raw(raw: RawConfig) -> Result<DispatcherConfig, ConfigError> {
-        let dispatcher_id =
-            match raw.get(&["dispatcher_id"]).filter(|e| !e.value.is_empty()) {
-                Some(e) if crate::wire::valid_dispatcher_id(&e.value) => e.value.clone(),
-                Some(e) => return Err(raw.bad_value(
-                    e,
-                    "letters, digits, '.', '_' or '-', starting with a letter or digit, at most 64",
-                )),
-                None => crate::wire::sanitize_dispatcher_id(&host_name()),
-            };
+        let dispatcher_id = match raw.get(&["dispatcher_id"]).filter(|e| !e.value.is_empty()) {
+            Some(e) if crate::wire::valid_dispatcher_id(&e.value) => e.value.clone(),
+            Some(e) => {
+                return Err(
+                    raw.bad_value(e, "letters, digits, '.', '_' or '-', starting with a letter or digit, at most 64")
+                );
+            }
+            None => crate::wire::sanitize_dispatcher_id(&host_name()),
+        };
         Ok(DispatcherConfig {
             cert: raw.req_path("cert")?,
             key: raw.req_path("key")?,
@@ -576,21 +493,14 @@ mod tests {
         assert_eq!(c.entries[1].section, Section::Tags);
         assert_eq!(c.entries[2].section, Section::Profile("web".into()));
         assert_eq!(c.get(&["port"]).unwrap().value, "7443");
-        assert!(
-            c.get(&["x"]).is_none(),
-            "keys of other sections are not main keys"
-        );
+        assert!(c.get(&["x"]).is_none(), "keys of other sections are not main keys");
     }
 
     #[test]
     fn malformed_lines_name_file_and_line() {
         let e = p("port = 1\nthis is wrong\n").unwrap_err();
         assert_eq!(e.line, Some(2));
-        assert!(
-            e.to_string()
-                .starts_with("/etc/x.conf:2: malformed config line"),
-            "{e}"
-        );
+        assert!(e.to_string().starts_with("/etc/x.conf:2: malformed config line"), "{e}");
         let e = p("[profile]\n").unwrap_err();
         assert_eq!(e.line, Some(1));
         let e = p("[tags\n").unwrap_err();
@@ -634,8 +544,7 @@ mod tests {
             ("bind = localhost", "IPv4 or IPv6"),
             ("log = file", "one of"),
         ] {
-            let e =
-                AgentConfig::from_raw(p(&format!("port=1\n{base}{line}\n")).unwrap()).unwrap_err();
+            let e = AgentConfig::from_raw(p(&format!("port=1\n{base}{line}\n")).unwrap()).unwrap_err();
             assert!(e.msg.contains(needle), "{line}: {e}");
         }
         for (line, needle) in [

@@ -30,24 +30,15 @@ pub struct Fail {
 impl Fail {
     /// A generic failure (exit 1).
     pub fn new(msg: impl Into<String>) -> Self {
-        Fail {
-            code: EXIT_FAIL,
-            msg: msg.into(),
-        }
+        Fail { code: EXIT_FAIL, msg: msg.into() }
     }
     /// A usage error (exit 2).
     pub fn usage(msg: impl Into<String>) -> Self {
-        Fail {
-            code: EXIT_USAGE,
-            msg: msg.into(),
-        }
+        Fail { code: EXIT_USAGE, msg: msg.into() }
     }
     /// A configuration error (exit 78).
     pub fn config(msg: impl Into<String>) -> Self {
-        Fail {
-            code: EXIT_CONFIG,
-            msg: msg.into(),
-        }
+        Fail { code: EXIT_CONFIG, msg: msg.into() }
     }
     /// Same failure with a different exit code.
     pub fn with_code(mut self, code: u8) -> Self {

@@ -110,11 +110,7 @@ pub struct Capture {
 impl Capture {
     /// A capture keeping at most `cap` bytes.
     pub fn new(cap: usize) -> Capture {
-        Capture {
-            data: Vec::new(),
-            cap,
-            dropped: 0,
-        }
+        Capture { data: Vec::new(), cap, dropped: 0 }
     }
 
     /// Take one chunk.
@@ -189,17 +185,12 @@ pub async fn run(spec: &Spec) -> Outcome {
     std_cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
     // async-process's From<std::process::Command> resets stdio: set it here.
     let mut cmd = smol::process::Command::from(std_cmd);
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => return spawn_failure(spec, &e),
     };
-    let mut guard = GroupGuard {
-        pgid: child.id() as i32,
-        armed: true,
-    };
+    let mut guard = GroupGuard { pgid: child.id() as i32, armed: true };
     let (stdin, stdout, stderr) = (child.stdin.take(), child.stdout.take(), child.stderr.take());
 
     let written = Cell::new(0usize);
@@ -215,10 +206,7 @@ pub async fn run(spec: &Spec) -> Outcome {
             }
             let _ = pipe.flush().await;
         };
-        if crate::time::timeout(spec.stdin_timeout, write)
-            .await
-            .is_none()
-        {
+        if crate::time::timeout(spec.stdin_timeout, write).await.is_none() {
             stdin_timed_out.set(true);
         }
         drop(pipe);
@@ -281,9 +269,7 @@ pub async fn run(spec: &Spec) -> Outcome {
     };
     guard.armed = false;
     let exit = match status {
-        Some(Ok(s)) => s
-            .code()
-            .unwrap_or(if s.signal().is_some() { 126 } else { -1 }),
+        Some(Ok(s)) => s.code().unwrap_or(if s.signal().is_some() { 126 } else { -1 }),
         Some(Err(_)) | None => -1,
     };
     Outcome {
@@ -292,9 +278,7 @@ pub async fn run(spec: &Spec) -> Outcome {
         stdout: out.data,
         stderr: err.data,
         timed_out,
-        stdin_unwritten: stdin_timed_out
-            .get()
-            .then(|| spec.stdin.len() - written.get()),
+        stdin_unwritten: stdin_timed_out.get().then(|| spec.stdin.len() - written.get()),
     }
 }
 
@@ -308,11 +292,7 @@ mod tests {
         let p = d.join("s.sh");
         std::fs::write(&p, format!("#!/bin/sh\n{script}\n")).unwrap();
         std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        Spec::new(
-            p,
-            args.iter().map(|s| s.to_string()).collect(),
-            b"{\"ctx\":1}".to_vec(),
-        )
+        Spec::new(p, args.iter().map(|s| s.to_string()).collect(), b"{\"ctx\":1}".to_vec())
     }
 
     #[test]
@@ -325,10 +305,7 @@ mod tests {
         let o = smol::block_on(run(&s));
         let out = String::from_utf8(o.stdout).unwrap();
         assert_eq!(o.exit, 3);
-        assert!(
-            out.starts_with("[a b][$(id)][][;rm]\n{\"reqid\":\"x\"}\n"),
-            "{out}"
-        );
+        assert!(out.starts_with("[a b][$(id)][][;rm]\n{\"reqid\":\"x\"}\n"), "{out}");
         assert!(out.contains(&format!("PATH={SAFE_PATH}")), "{out}");
         for line in out.lines().skip(2) {
             let k = line.split('=').next().unwrap();
@@ -338,10 +315,7 @@ mod tests {
 
     #[test]
     fn output_cap_keeps_draining() {
-        let mut s = sh(
-            "head -c 3000000 /dev/zero; head -c 10 /dev/zero >&2; echo done >&2",
-            &[],
-        );
+        let mut s = sh("head -c 3000000 /dev/zero; head -c 10 /dev/zero >&2; echo done >&2", &[]);
         s.max_output = 1000;
         let o = smol::block_on(run(&s));
         assert_eq!(o.exit, 0);
@@ -353,13 +327,7 @@ mod tests {
     #[test]
     fn timeout_kills_the_group() {
         let marker = std::env::temp_dir().join(format!("ce-gc-{}", crate::wire::new_reqid()));
-        let mut s = sh(
-            &format!(
-                "(sleep 3; touch {}) & echo started; sleep 30",
-                marker.display()
-            ),
-            &[],
-        );
+        let mut s = sh(&format!("(sleep 3; touch {}) & echo started; sleep 30", marker.display()), &[]);
         s.timeout = Some(Duration::from_millis(300));
         let t = std::time::Instant::now();
         let o = smol::block_on(run(&s));
@@ -394,8 +362,7 @@ mod tests {
     #[test]
     fn exec_failures_map_to_127() {
         let mut s = sh("exit 0", &[]);
-        std::fs::set_permissions(&s.path, std::os::unix::fs::PermissionsExt::from_mode(0o644))
-            .unwrap();
+        std::fs::set_permissions(&s.path, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
         assert_eq!(smol::block_on(run(&s)).exit, 127);
         s.path = PathBuf::from("/nonexistent/x");
         assert_eq!(smol::block_on(run(&s)).exit, 127);

@@ -42,11 +42,7 @@ pub async fn for_each<T, R, Fut>(
                 Poll::Pending => i += 1,
             }
         }
-        if running.is_empty() {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
-        }
+        if running.is_empty() { Poll::Ready(()) } else { Poll::Pending }
     })
     .await
 }
@@ -86,12 +82,7 @@ mod tests {
     #[test]
     fn empty_input_finishes() {
         let mut n = 0;
-        smol::block_on(for_each(
-            Vec::<u8>::new(),
-            8,
-            |x| async move { x },
-            |_| n += 1,
-        ));
+        smol::block_on(for_each(Vec::<u8>::new(), 8, |x| async move { x }, |_| n += 1));
         assert_eq!(n, 0);
     }
 }

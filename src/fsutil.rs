@@ -27,13 +27,7 @@ pub struct FsError {
 
 impl fmt::Display for FsError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "cannot {} {}: {}",
-            self.op,
-            self.path.display(),
-            self.err
-        )?;
+        write!(f, "cannot {} {}: {}", self.op, self.path.display(), self.err)?;
         if self.err.kind() == io::ErrorKind::PermissionDenied {
             write!(f, " (run as a user that may write there, e.g. with sudo)")?;
         }
@@ -46,11 +40,7 @@ impl std::error::Error for FsError {}
 impl FsError {
     /// Wrap an io::Error with the operation and path.
     pub fn new(op: &'static str, path: &Path, err: io::Error) -> Self {
-        FsError {
-            op,
-            path: path.to_path_buf(),
-            err,
-        }
+        FsError { op, path: path.to_path_buf(), err }
     }
 }
 
@@ -61,34 +51,49 @@ pub fn read_text(path: &Path) -> Result<String, FsError> {
 
 /// Write `data` to `path` atomically with permission bits `mode`.
 pub fn atomic_write(path: &Path, data: &[u8], mode: u32) -> Result<(), FsError> {
+    write_file(path, data, mode, None, true)
+}
+
+/// Replace `path` atomically, keeping the mode and ownership of the file it
+/// replaces (an operator's `chgrp ctrl-exec-agent agent.key; chmod 0640`
+/// survives a re-install); a new file gets `default_mode`.
+pub fn atomic_replace(path: &Path, data: &[u8], default_mode: u32) -> Result<(), FsError> {
+    use std::os::unix::fs::MetadataExt;
+    match fs::metadata(path) {
+        Ok(m) => write_file(path, data, m.mode() & 0o7777, Some((m.uid(), m.gid())), true),
+        Err(_) => write_file(path, data, default_mode, None, true),
+    }
+}
+
+/// Like [`atomic_write`] without the fsyncs, for caches whose loss is harmless.
+pub fn atomic_write_nosync(path: &Path, data: &[u8], mode: u32) -> Result<(), FsError> {
+    write_file(path, data, mode, None, false)
+}
+
+fn write_file(path: &Path, data: &[u8], mode: u32, owner: Option<(u32, u32)>, sync: bool) -> Result<(), FsError> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "file".into());
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "file".into());
     let mut rnd = [0u8; 6];
     let _ = openssl::rand::rand_bytes(&mut rnd);
-    let tmp = dir.join(format!(
-        ".{name}.tmp-{}-{}",
-        std::process::id(),
-        crate::wire::hex(&rnd)
-    ));
+    let tmp = dir.join(format!(".{name}.tmp-{}-{}", std::process::id(), crate::wire::hex(&rnd)));
     let result = (|| -> io::Result<()> {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
+        let mut f = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
         // The umask may have narrowed the mode; state files need exactly `mode`.
         f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+        if let Some((uid, gid)) = owner {
+            // Only root may give a file away; anyone else keeps their own ownership.
+            let _ = std::os::unix::fs::fchown(&f, Some(uid), Some(gid));
+        }
         f.write_all(data)?;
-        f.sync_all()?;
+        if sync {
+            f.sync_all()?;
+        }
         drop(f);
         fs::rename(&tmp, path)?;
-        if let Ok(d) = File::open(&dir) {
+        if sync && let Ok(d) = File::open(&dir) {
             let _ = d.sync_all();
         }
         Ok(())
@@ -106,11 +111,7 @@ pub fn ensure_dir(path: &Path, mode: u32) -> Result<(), FsError> {
     if path.is_dir() {
         return Ok(());
     }
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(mode)
-        .create(path)
-        .map_err(|e| FsError::new("create directory", path, e))
+    fs::DirBuilder::new().recursive(true).mode(mode).create(path).map_err(|e| FsError::new("create directory", path, e))
 }
 
 /// An exclusive `flock` held until drop.
@@ -142,9 +143,7 @@ impl FileLock {
 /// Permission bits of a file (for self-checks and tests).
 pub fn mode_of(path: &Path) -> Option<u32> {
     use std::os::unix::fs::PermissionsExt;
-    fs::metadata(path)
-        .ok()
-        .map(|m| m.permissions().mode() & 0o7777)
+    fs::metadata(path).ok().map(|m| m.permissions().mode() & 0o7777)
 }
 
 /// True if `path` is a regular file with an execute bit that this process may use.
@@ -178,6 +177,18 @@ mod tests {
         assert_eq!(mode_of(&p), Some(0o644));
         // no temp files left behind
         assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn atomic_replace_keeps_the_mode() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("agent.key");
+        atomic_write(&p, b"one", 0o640).unwrap();
+        atomic_replace(&p, b"two", 0o600).unwrap();
+        assert_eq!((fs::read(&p).unwrap(), mode_of(&p)), (b"two".to_vec(), Some(0o640)));
+        let q = d.path().join("new");
+        atomic_replace(&q, b"x", 0o600).unwrap();
+        assert_eq!(mode_of(&q), Some(0o600));
     }
 
     #[test]

@@ -122,11 +122,7 @@ pub fn reason_for(code: i32) -> String {
 }
 
 fn log_decision(ctx: &Context, result: &str, level: audit::Level, extra: &[(&str, &str)]) {
-    let user = if ctx.username.is_empty() {
-        "(none)"
-    } else {
-        ctx.username.as_str()
-    };
+    let user = if ctx.username.is_empty() { "(none)" } else { ctx.username.as_str() };
     let mut fields = vec![
         ("RESULT", result),
         ("AUTHACTION", ctx.action.as_str()),
@@ -139,37 +135,17 @@ fn log_decision(ctx: &Context, result: &str, level: audit::Level, extra: &[(&str
 }
 
 /// Ask the hook (if any) whether this request may proceed.
-pub async fn authorize(
-    hook: Option<&Path>,
-    timeout: Duration,
-    ctx: &Context,
-    no_hook: NoHook,
-) -> Decision {
+pub async fn authorize(hook: Option<&Path>, timeout: Duration, ctx: &Context, no_hook: NoHook) -> Decision {
     let Some(path) = hook else {
         if no_hook == NoHook::CliPass {
-            log_decision(
-                ctx,
-                "pass",
-                audit::Level::Info,
-                &[("REASON", "no-hook-cli")],
-            );
+            log_decision(ctx, "pass", audit::Level::Info, &[("REASON", "no-hook-cli")]);
         }
         return Decision::Allow;
     };
     if !crate::fsutil::is_executable(path) {
         let p = path.display().to_string();
-        audit::err(
-            "auth",
-            &[
-                ("RESULT", "error"),
-                ("REASON", "hook-not-executable"),
-                ("HOOK", &p),
-            ],
-        );
-        return Decision::Deny {
-            code: 1,
-            reason: format!("auth hook not found or not executable: {p}"),
-        };
+        audit::err("auth", &[("RESULT", "error"), ("REASON", "hook-not-executable"), ("HOOK", &p)]);
+        return Decision::Deny { code: 1, reason: format!("auth hook not found or not executable: {p}") };
     }
     let ts = crate::time::now_iso();
     let spec = crate::exec::Spec {
@@ -182,10 +158,7 @@ pub async fn authorize(
     };
     let out = crate::exec::run(&spec).await;
     if out.timed_out {
-        audit::warn(
-            "auth-hook-timeout",
-            &[("TIMEOUT", &timeout.as_secs().to_string())],
-        );
+        audit::warn("auth-hook-timeout", &[("TIMEOUT", &timeout.as_secs().to_string())]);
         let reason = format!("auth hook timed out after {}s", timeout.as_secs());
         log_decision(ctx, "deny", audit::Level::Warning, &[("REASON", &reason)]);
         return Decision::Deny { code: 1, reason };
@@ -219,10 +192,7 @@ mod tests {
             ..Context::default()
         };
         let j = crate::wire::parse_object(&ctx.to_json("T")).unwrap();
-        assert_eq!(
-            crate::wire::get_str_array(&j, "args").unwrap().unwrap(),
-            vec!["x y", "\"q\""]
-        );
+        assert_eq!(crate::wire::get_str_array(&j, "args").unwrap().unwrap(), vec!["x y", "\"q\""]);
         assert!(matches!(j.get("submitter"), Some(Value::Null)));
         let env: std::collections::HashMap<_, _> = ctx.env("T").into_iter().collect();
         assert_eq!(env["ENVEXEC_HOSTS"], "a,b");
@@ -239,52 +209,17 @@ mod tests {
 
     #[test]
     fn exit_codes_table() {
-        let ctx = Context {
-            action: "run".into(),
-            ..Context::default()
-        };
+        let ctx = Context { action: "run".into(), ..Context::default() };
         for (body, want) in [
             ("exit 0", Decision::Allow),
-            (
-                "exit 1",
-                Decision::Deny {
-                    code: 1,
-                    reason: "denied".into(),
-                },
-            ),
-            (
-                "exit 2",
-                Decision::Deny {
-                    code: 2,
-                    reason: "bad credentials".into(),
-                },
-            ),
-            (
-                "exit 3",
-                Decision::Deny {
-                    code: 3,
-                    reason: "insufficient privilege".into(),
-                },
-            ),
-            (
-                "exit 9",
-                Decision::Deny {
-                    code: 9,
-                    reason: "hook exited 9".into(),
-                },
-            ),
-            (
-                "[ \"$ENVEXEC_ACTION\" = run ] && grep -q '\"action\":\"run\"'",
-                Decision::Allow,
-            ),
+            ("exit 1", Decision::Deny { code: 1, reason: "denied".into() }),
+            ("exit 2", Decision::Deny { code: 2, reason: "bad credentials".into() }),
+            ("exit 3", Decision::Deny { code: 3, reason: "insufficient privilege".into() }),
+            ("exit 9", Decision::Deny { code: 9, reason: "hook exited 9".into() }),
+            ("[ \"$ENVEXEC_ACTION\" = run ] && grep -q '\"action\":\"run\"'", Decision::Allow),
         ] {
             let (_d, p) = hook(body);
-            let got = smol::block_on(authorize(
-                Some(&p),
-                Duration::from_secs(5),
-                &ctx,
-                NoHook::AgentPass,
-            ));
+            let got = smol::block_on(authorize(Some(&p), Duration::from_secs(5), &ctx, NoHook::AgentPass));
             assert_eq!(got, want, "{body}");
         }
     }
@@ -294,12 +229,7 @@ mod tests {
         let ctx = Context::default();
         let (_d, p) = hook("sleep 30");
         let t = std::time::Instant::now();
-        let got = smol::block_on(authorize(
-            Some(&p),
-            Duration::from_millis(300),
-            &ctx,
-            NoHook::AgentPass,
-        ));
+        let got = smol::block_on(authorize(Some(&p), Duration::from_millis(300), &ctx, NoHook::AgentPass));
         assert!(matches!(got, Decision::Deny { code: 1, .. }));
         assert!(t.elapsed() < Duration::from_secs(5));
         let got = smol::block_on(authorize(
@@ -308,17 +238,7 @@ mod tests {
             &ctx,
             NoHook::AgentPass,
         ));
-        assert!(
-            matches!(got, Decision::Deny { code: 1, ref reason } if reason.contains("not executable"))
-        );
-        assert_eq!(
-            smol::block_on(authorize(
-                None,
-                Duration::from_secs(1),
-                &ctx,
-                NoHook::AgentPass
-            )),
-            Decision::Allow
-        );
+        assert!(matches!(got, Decision::Deny { code: 1, ref reason } if reason.contains("not executable")));
+        assert_eq!(smol::block_on(authorize(None, Duration::from_secs(1), &ctx, NoHook::AgentPass)), Decision::Allow);
     }
 }

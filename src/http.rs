@@ -45,11 +45,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            max_body: 1 << 20,
-            max_headers: 32,
-            max_head_bytes: 64 << 10,
-        }
+        Limits { max_body: 1 << 20, max_headers: 32, max_head_bytes: 64 << 10 }
     }
 }
 
@@ -69,10 +65,7 @@ pub struct Request {
 impl Request {
     /// First header with this (lowercase) name.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 }
 
@@ -200,14 +193,8 @@ fn content_length(headers: &[(String, String)]) -> Result<Option<usize>, HttpErr
 pub async fn read_request<C: Conn>(c: &mut C, limits: &Limits) -> Result<Request, HttpError> {
     let (mut buf, end) = read_head(c, limits.max_head_bytes).await?;
     let (method, path, headers) = parse_head(&buf[..end], limits)?;
-    if headers
-        .iter()
-        .any(|(k, v)| k == "transfer-encoding" && !v.eq_ignore_ascii_case("identity"))
-    {
-        return Err(HttpError::Status(
-            400,
-            "chunked bodies are not supported; send Content-Length",
-        ));
+    if headers.iter().any(|(k, v)| k == "transfer-encoding" && !v.eq_ignore_ascii_case("identity")) {
+        return Err(HttpError::Status(400, "chunked bodies are not supported; send Content-Length"));
     }
     let len = content_length(&headers)?.unwrap_or(0);
     if len > limits.max_body {
@@ -220,19 +207,11 @@ pub async fn read_request<C: Conn>(c: &mut C, limits: &Limits) -> Result<Request
         let want = (len - body.len()).min(chunk.len());
         let n = c.read(&mut chunk[..want]).await.map_err(HttpError::Io)?;
         if n == 0 {
-            return Err(HttpError::Status(
-                400,
-                "request body shorter than Content-Length",
-            ));
+            return Err(HttpError::Status(400, "request body shorter than Content-Length"));
         }
         body.extend_from_slice(&chunk[..n]);
     }
-    Ok(Request {
-        method,
-        path,
-        headers,
-        body,
-    })
+    Ok(Request { method, path, headers, body })
 }
 
 /// The exact bytes of a response.
@@ -265,10 +244,7 @@ pub async fn write_request<C: Conn>(
         crate::VERSION
     );
     if let Some(b) = body {
-        out.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            b.len()
-        ));
+        out.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", b.len()));
     }
     out.push_str("\r\n");
     let mut bytes = out.into_bytes();
@@ -290,10 +266,7 @@ pub struct Response {
 /// Read a response: `Content-Length` bytes if given, else to end of stream.
 pub async fn read_response<C: Conn>(c: &mut C, max_body: usize) -> Result<Response, HttpError> {
     let (mut buf, end) = read_head(c, 64 << 10).await.map_err(|e| match e {
-        HttpError::Status(..) => HttpError::Io(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "no HTTP response",
-        )),
+        HttpError::Status(..) => HttpError::Io(io::Error::new(io::ErrorKind::InvalidData, "no HTTP response")),
         other => other,
     })?;
     let text = String::from_utf8_lossy(&buf[..end]).into_owned();
@@ -303,32 +276,19 @@ pub async fn read_response<C: Conn>(c: &mut C, max_body: usize) -> Result<Respon
     let code = match (sp.next(), sp.next().and_then(|c| c.parse::<u16>().ok())) {
         (Some(v), Some(code)) if v.starts_with("HTTP/") => code,
         _ => {
-            return Err(HttpError::Io(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "malformed HTTP status line",
-            )));
+            return Err(HttpError::Io(io::Error::new(io::ErrorKind::InvalidData, "malformed HTTP status line")));
         }
     };
     let headers: Vec<(String, String)> = lines
         .take_while(|l| !l.is_empty())
-        .filter_map(|l| {
-            l.split_once(':')
-                .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        })
+        .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())))
         .collect();
-    let len = content_length(&headers).map_err(|_| {
-        HttpError::Io(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "invalid Content-Length",
-        ))
-    })?;
+    let len = content_length(&headers)
+        .map_err(|_| HttpError::Io(io::Error::new(io::ErrorKind::InvalidData, "invalid Content-Length")))?;
     let mut body = buf.split_off(end);
     let limit = len.unwrap_or(max_body).min(max_body);
     if len.is_some_and(|l| l > max_body) {
-        return Err(HttpError::Io(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "response too large",
-        )));
+        return Err(HttpError::Io(io::Error::new(io::ErrorKind::InvalidData, "response too large")));
     }
     let mut chunk = [0u8; 16 << 10];
     while body.len() < limit {
@@ -376,12 +336,7 @@ mod tests {
     }
 
     fn read(input: &[u8], step: usize) -> Result<Request, HttpError> {
-        let mut m = Mem {
-            input: input.to_vec(),
-            pos: 0,
-            step,
-            out: vec![],
-        };
+        let mut m = Mem { input: input.to_vec(), pos: 0, step, out: vec![] };
         smol::block_on(read_request(&mut m, &Limits::default()))
     }
 
@@ -428,34 +383,17 @@ mod tests {
         let cases: Vec<(Vec<u8>, u16)> = vec![
             (hdrs(32).into_bytes(), 200),
             (hdrs(33).into_bytes(), 431),
-            (
-                b"POST /run HTTP/1.0\r\nContent-Length: 1048577\r\n\r\n".to_vec(),
-                413,
-            ),
-            (
-                b"POST /run HTTP/1.0\r\nContent-Length: 1048576\r\n\r\n".to_vec(),
-                400,
-            ),
-            (
-                b"POST /run HTTP/1.0\r\nContent-Length: -1\r\n\r\n".to_vec(),
-                400,
-            ),
-            (
-                b"POST /run HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(),
-                400,
-            ),
+            (b"POST /run HTTP/1.0\r\nContent-Length: 1048577\r\n\r\n".to_vec(), 413),
+            (b"POST /run HTTP/1.0\r\nContent-Length: 1048576\r\n\r\n".to_vec(), 400),
+            (b"POST /run HTTP/1.0\r\nContent-Length: -1\r\n\r\n".to_vec(), 400),
+            (b"POST /run HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(), 400),
             (b"\r\n\r\n".to_vec(), 400),
             (b"".to_vec(), 400),
             (b"GARBAGE\r\n\r\n".to_vec(), 400),
             (vec![b'a'; 70 << 10], 431),
         ];
         for (input, want) in cases {
-            assert_eq!(
-                status(read(&input, 999)),
-                want,
-                "{:?}",
-                String::from_utf8_lossy(&input[..input.len().min(60)])
-            );
+            assert_eq!(status(read(&input, 999)), want, "{:?}", String::from_utf8_lossy(&input[..input.len().min(60)]));
         }
     }
 
@@ -469,20 +407,10 @@ mod tests {
 
     #[test]
     fn client_reads_with_and_without_length() {
-        let mut m = Mem {
-            input: response_bytes(200, "{}"),
-            pos: 0,
-            step: 2,
-            out: vec![],
-        };
+        let mut m = Mem { input: response_bytes(200, "{}"), pos: 0, step: 2, out: vec![] };
         let r = smol::block_on(read_response(&mut m, 1 << 20)).unwrap();
         assert_eq!((r.code, r.body), (200, b"{}".to_vec()));
-        let mut m = Mem {
-            input: b"HTTP/1.0 403 Forbidden\r\n\r\n{\"a\":1}".to_vec(),
-            pos: 0,
-            step: 4,
-            out: vec![],
-        };
+        let mut m = Mem { input: b"HTTP/1.0 403 Forbidden\r\n\r\n{\"a\":1}".to_vec(), pos: 0, step: 4, out: vec![] };
         let r = smol::block_on(read_response(&mut m, 1 << 20)).unwrap();
         assert_eq!((r.code, r.body), (403, b"{\"a\":1}".to_vec()));
     }

@@ -62,9 +62,7 @@ impl AgentRecord {
     /// Parse a record file's text.
     pub fn from_json(name: &str, text: &str) -> Option<AgentRecord> {
         let o = crate::wire::parse_object(text)?;
-        let port = get_i64(&o, "port")
-            .filter(|p| (1..=65_535).contains(p))
-            .unwrap_or(DEFAULT_PORT as i64) as u16;
+        let port = get_i64(&o, "port").filter(|p| (1..=65_535).contains(p)).unwrap_or(DEFAULT_PORT as i64) as u16;
         let lookup_by = match get_str(&o, "lookup_by").as_deref() {
             Some("ip") => "ip",
             _ => "hostname",
@@ -96,10 +94,7 @@ impl AgentRecord {
         set("reqid", Value::String(self.reqid.clone()));
         set("lookup_by", Value::String(self.lookup_by.clone()));
         set("port", crate::wire::int(self.port as i64));
-        set(
-            "dispatcher_serial",
-            Value::String(self.dispatcher_serial.clone()),
-        );
+        set("dispatcher_serial", Value::String(self.dispatcher_serial.clone()));
         set("serial_status", Value::String(self.serial_status.clone()));
         for k in ["serial_broadcast", "serial_confirmed"] {
             if !o.contains_key(k) {
@@ -114,11 +109,7 @@ impl AgentRecord {
 
     /// Where to connect: the name itself, or the stored IP for `lookup_by = ip`.
     pub fn connect_addr(&self) -> &str {
-        if self.lookup_by == "ip" && !self.ip.is_empty() {
-            &self.ip
-        } else {
-            &self.hostname
-        }
+        if self.lookup_by == "ip" && !self.ip.is_empty() { &self.ip } else { &self.hostname }
     }
 }
 
@@ -170,9 +161,7 @@ impl From<RegistryError> for crate::error::Fail {
 impl Registry {
     /// Open (not create) a registry directory.
     pub fn new(dir: &Path) -> Registry {
-        Registry {
-            dir: dir.to_path_buf(),
-        }
+        Registry { dir: dir.to_path_buf() }
     }
 
     fn file(&self, name: &str) -> Result<PathBuf, RegistryError> {
@@ -192,9 +181,7 @@ impl Registry {
     pub fn get(&self, name: &str) -> Result<Option<AgentRecord>, RegistryError> {
         let path = self.file(name)?;
         match std::fs::read_to_string(&path) {
-            Ok(t) => AgentRecord::from_json(name, &t)
-                .map(Some)
-                .ok_or(RegistryError::Corrupt(path)),
+            Ok(t) => AgentRecord::from_json(name, &t).map(Some).ok_or(RegistryError::Corrupt(path)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(FsError::new("read", &path, e).into()),
         }
@@ -209,12 +196,7 @@ impl Registry {
         };
         let mut names: Vec<String> = rd
             .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                e.file_name()
-                    .to_str()
-                    .and_then(|n| n.strip_suffix(".json"))
-                    .map(String::from)
-            })
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".json")).map(String::from))
             .filter(|n| valid_agent_name(n))
             .collect();
         names.sort();
@@ -238,33 +220,21 @@ mod tests {
     fn perl_record_round_trips_with_unknown_keys() {
         let perl = r#"{"dispatcher_serial":"2","tags":{"env":"x"},"ip":"127.0.0.1","hostname":"perl-agent1","lookup_by":"ip","serial_confirmed":"2026-11-25T12:35:15Z","paired":"2026-11-25T12:35:15Z","port":35900,"reqid":"ef685d87b93f27f3","serial_broadcast":"","expiry":"Feb 27 12:35:15 2029 GMT","serial_status":"current","future":1}"#;
         let r = AgentRecord::from_json("perl-agent1", perl).unwrap();
-        assert_eq!(
-            (r.port, r.lookup_by.as_str(), r.connect_addr()),
-            (35900, "ip", "127.0.0.1")
-        );
+        assert_eq!((r.port, r.lookup_by.as_str(), r.connect_addr()), (35900, "ip", "127.0.0.1"));
         let d = tempfile::tempdir().unwrap();
         let reg = Registry::new(d.path());
         reg.put(&r).unwrap();
         let back = reg.get("perl-agent1").unwrap().unwrap();
-        assert_eq!(
-            back.raw.get("future").map(json::to_string),
-            Some("1".into())
-        );
+        assert_eq!(back.raw.get("future").map(json::to_string), Some("1".into()));
         assert_eq!(back.to_object().len(), 13);
         assert_eq!(reg.names().unwrap(), vec!["perl-agent1"]);
         assert!(reg.get("nobody").unwrap().is_none());
-        assert!(matches!(
-            reg.get("../etc/passwd"),
-            Err(RegistryError::BadName(_))
-        ));
+        assert!(matches!(reg.get("../etc/passwd"), Err(RegistryError::BadName(_))));
     }
 
     #[test]
     fn loose_values_normalise() {
         let r = AgentRecord::from_json("a", r#"{"port":"99999","lookup_by":"dns"}"#).unwrap();
-        assert_eq!(
-            (r.port, r.lookup_by.as_str(), r.connect_addr()),
-            (DEFAULT_PORT, "hostname", "a")
-        );
+        assert_eq!((r.port, r.lookup_by.as_str(), r.connect_addr()), (DEFAULT_PORT, "hostname", "a"));
     }
 }

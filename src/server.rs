@@ -40,11 +40,7 @@ impl Peer {
     /// Build from the address and the raw serial.
     pub fn new(ip: IpAddr, serial_raw: String) -> Peer {
         let serial = crate::wire::canonical_serial(&serial_raw).unwrap_or_default();
-        Peer {
-            ip,
-            serial_raw,
-            serial,
-        }
+        Peer { ip, serial_raw, serial }
     }
 }
 
@@ -76,47 +72,31 @@ pub struct Reply {
 }
 
 fn reply(code: u16, o: Obj) -> Reply {
-    Reply {
-        code,
-        body: o.to_json(),
-    }
+    Reply { code, body: o.to_json() }
 }
 
 fn error_reply(code: u16, msg: &str) -> Reply {
     reply(code, Obj::new().s("error", msg))
 }
 
-/// Answer one request on `conn`. Returns the status sent (0 if none).
-pub async fn handle<C: Conn>(conn: &mut C, peer: &Peer, state: &AgentState) -> u16 {
+/// Answer one request on `conn`; the request must have arrived by
+/// `deadline`. Returns the status sent (0 if none).
+pub async fn handle<C: Conn>(conn: &mut C, peer: &Peer, state: &AgentState, deadline: std::time::Instant) -> u16 {
     let peer_ip = peer.ip.to_string();
     let r = if !peer.serial.is_empty() && state.revoked.contains(&peer.serial) {
-        audit::warn(
-            "revoked-cert",
-            &[("PEER", &peer_ip), ("SERIAL", &peer.serial)],
-        );
+        audit::warn("revoked-cert", &[("PEER", &peer_ip), ("SERIAL", &peer.serial)]);
         error_reply(403, "certificate revoked")
     } else {
         let limits = Limits::default();
-        match crate::time::timeout(
-            state.config.request_timeout,
-            http::read_request(conn, &limits),
-        )
-        .await
-        {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match crate::time::timeout(left, http::read_request(conn, &limits)).await {
             None => {
                 audit::warn("request-timeout", &[("PEER", &peer_ip)]);
                 error_reply(408, "request timeout")
             }
             Some(Err(HttpError::Io(_))) => return 0,
             Some(Err(HttpError::Status(code, msg))) => {
-                audit::warn(
-                    "bad-request",
-                    &[
-                        ("PEER", &peer_ip),
-                        ("STATUS", &code.to_string()),
-                        ("REASON", msg),
-                    ],
-                );
+                audit::warn("bad-request", &[("PEER", &peer_ip), ("STATUS", &code.to_string()), ("REASON", msg)]);
                 error_reply(code, msg)
             }
             Some(Ok(req)) => route(&req, peer, state).await,
@@ -145,18 +125,9 @@ fn gate<'a>(peer: &Peer, state: &'a AgentState, reqid: &str) -> Result<&'a str, 
             let reqid = if reqid.is_empty() { "(none)" } else { reqid };
             audit::warn(
                 "serial-reject",
-                &[
-                    ("PEER", &peer.ip.to_string()),
-                    ("PEER_SERIAL", &peer.serial),
-                    ("REQID", reqid),
-                ],
+                &[("PEER", &peer.ip.to_string()), ("PEER_SERIAL", &peer.serial), ("REQID", reqid)],
             );
-            Err(reply(
-                403,
-                Obj::new()
-                    .s("error", "serial mismatch")
-                    .s("status", "forbidden"),
-            ))
+            Err(reply(403, Obj::new().s("error", "serial mismatch").s("status", "forbidden")))
         }
     }
 }
@@ -167,45 +138,38 @@ fn body_text(req: &http::Request) -> String {
 
 async fn run(req: &http::Request, peer: &Peer, state: &AgentState) -> Reply {
     let parsed = parse_object(&body_text(req));
-    let reqid = parsed
-        .as_ref()
-        .and_then(|o| get_str(o, "reqid"))
-        .unwrap_or_default();
+    let reqid = parsed.as_ref().and_then(|o| get_str(o, "reqid")).unwrap_or_default();
     let dispatcher = match gate(peer, state, &reqid) {
         Ok(d) => d,
         Err(r) => return r,
     };
+    let peer_ip = peer.ip.to_string();
+    let bad = |why: &str| {
+        audit::warn(
+            "bad-request",
+            &[("PEER", &peer_ip), ("DISPATCHER", dispatcher), ("REQID", &reqid), ("REASON", why)],
+        );
+    };
     let Some(o) = parsed else {
+        bad("invalid JSON");
         return reply(200, Obj::new().i("exit", -1).s("error", "invalid JSON"));
     };
     let Ok(args) = get_str_array(&o, "args") else {
-        return reply(
-            200,
-            Obj::new()
-                .i("exit", -1)
-                .s("error", "args must be an array")
-                .s("reqid", &reqid),
-        );
+        bad("args must be an array");
+        return reply(200, Obj::new().i("exit", -1).s("error", "args must be an array").s("reqid", &reqid));
     };
     let args = args.unwrap_or_default();
     let script = get_str(&o, "script").unwrap_or_default();
     let username = get_str(&o, "username").unwrap_or_default();
     let token = get_str(&o, "token").unwrap_or_default();
-    let refuse = |msg: &str| {
-        reply(
-            200,
-            Obj::new()
-                .s("script", &script)
-                .i("exit", -1)
-                .s("error", msg)
-                .s("reqid", &reqid),
-        )
-    };
-    let peer_ip = peer.ip.to_string();
+    let refuse =
+        |msg: &str| reply(200, Obj::new().s("script", &script).i("exit", -1).s("error", msg).s("reqid", &reqid));
     if get_bool(&o, "async") == Some(true) {
+        bad("async run requested");
         return refuse("async runs are not supported by this agent version; run synchronously");
     }
     if args.iter().any(|a| a.contains('\0')) {
+        bad("NUL byte in an argument");
         return refuse("arguments must not contain NUL bytes");
     }
     let dirs = &state.config.script_dirs;
@@ -238,13 +202,9 @@ async fn run(req: &http::Request, peer: &Peer, state: &AgentState) -> Reply {
         reqid: reqid.clone(),
         ..Default::default()
     };
-    if let Decision::Deny { reason, .. } = hook::authorize(
-        state.config.auth_hook.as_deref(),
-        state.config.auth_hook_timeout,
-        &ctx,
-        NoHook::AgentPass,
-    )
-    .await
+    if let Decision::Deny { reason, .. } =
+        hook::authorize(state.config.auth_hook.as_deref(), state.config.auth_hook_timeout, &ctx, NoHook::AgentPass)
+            .await
     {
         audit::warn(
             "deny",
@@ -276,21 +236,10 @@ async fn run(req: &http::Request, peer: &Peer, state: &AgentState) -> Reply {
     };
     let out = crate::exec::run(&spec).await;
     if let Some(n) = out.stdin_unwritten {
-        audit::warn(
-            "stdin-timeout",
-            &[
-                ("BYTES", &n.to_string()),
-                ("REQID", &reqid),
-                ("SCRIPT", &script),
-            ],
-        );
+        audit::warn("stdin-timeout", &[("BYTES", &n.to_string()), ("REQID", &reqid), ("SCRIPT", &script)]);
     }
     let exit = out.exit.to_string();
-    let user = if username.is_empty() {
-        "(none)"
-    } else {
-        username.as_str()
-    };
+    let user = if username.is_empty() { "(none)" } else { username.as_str() };
     let mut fields = vec![
         ("SCRIPT", script.as_str()),
         ("EXIT", exit.as_str()),
@@ -318,10 +267,7 @@ async fn run(req: &http::Request, peer: &Peer, state: &AgentState) -> Reply {
     }
     if out.timed_out {
         let secs = entry.timeout.map(|t| t.as_secs()).unwrap_or(0);
-        r = r.b("timed_out", true).s(
-            "error",
-            format!("timed out after {secs}s; process group killed"),
-        );
+        r = r.b("timed_out", true).s("error", format!("timed out after {secs}s; process group killed"));
     }
     reply(200, r)
 }
@@ -333,14 +279,7 @@ fn ping(req: &http::Request, peer: &Peer, state: &AgentState) -> Reply {
         Ok(d) => d,
         Err(r) => return r,
     };
-    audit::info(
-        "ping",
-        &[
-            ("PEER", &peer.ip.to_string()),
-            ("DISPATCHER", dispatcher),
-            ("REQID", &reqid),
-        ],
-    );
+    audit::info("ping", &[("PEER", &peer.ip.to_string()), ("DISPATCHER", dispatcher), ("REQID", &reqid)]);
     let staged = state.config.cert_staging_path.exists();
     reply(
         200,
@@ -357,14 +296,7 @@ fn ping(req: &http::Request, peer: &Peer, state: &AgentState) -> Reply {
 async fn capabilities(peer: &Peer, state: &AgentState) -> Reply {
     let peer_ip = peer.ip.to_string();
     let deny = |reason: &str| {
-        audit::warn(
-            "capabilities-deny",
-            &[
-                ("PEER", &peer_ip),
-                ("PEER_SERIAL", &peer.serial),
-                ("REASON", reason),
-            ],
-        );
+        audit::warn("capabilities-deny", &[("PEER", &peer_ip), ("PEER_SERIAL", &peer.serial), ("REASON", reason)]);
         error_reply(403, "forbidden")
     };
     if state.trusted.0.is_empty() {
@@ -380,22 +312,11 @@ async fn capabilities(peer: &Peer, state: &AgentState) -> Reply {
         dispatcher_serial: peer.serial_raw.clone(),
         ..Default::default()
     };
-    if let Decision::Deny { reason, .. } = hook::authorize(
-        state.config.auth_hook.as_deref(),
-        state.config.auth_hook_timeout,
-        &ctx,
-        NoHook::AgentPass,
-    )
-    .await
+    if let Decision::Deny { reason, .. } =
+        hook::authorize(state.config.auth_hook.as_deref(), state.config.auth_hook_timeout, &ctx, NoHook::AgentPass)
+            .await
     {
-        audit::warn(
-            "capabilities-deny",
-            &[
-                ("PEER", &peer_ip),
-                ("DISPATCHER", dispatcher),
-                ("REASON", &reason),
-            ],
-        );
+        audit::warn("capabilities-deny", &[("PEER", &peer_ip), ("DISPATCHER", dispatcher), ("REASON", &reason)]);
         return error_reply(403, "not authorised");
     }
     let mut scripts = Array::new();
@@ -416,11 +337,7 @@ async fn capabilities(peer: &Peer, state: &AgentState) -> Reply {
     }
     audit::info(
         "capabilities",
-        &[
-            ("PEER", &peer_ip),
-            ("DISPATCHER", dispatcher),
-            ("SCRIPTS", &scripts.len().to_string()),
-        ],
+        &[("PEER", &peer_ip), ("DISPATCHER", dispatcher), ("SCRIPTS", &scripts.len().to_string())],
     );
     reply(
         200,
@@ -440,9 +357,7 @@ pub fn busy_reply() -> Reply {
 
 /// Our certificate's expiry text, or `unknown`.
 pub fn cert_expiry(cert: &std::path::Path) -> String {
-    crate::ca::load_cert(cert)
-        .map(|c| crate::ca::not_after(&c))
-        .unwrap_or_else(|_| "unknown".into())
+    crate::ca::load_cert(cert).map(|c| crate::ca::not_after(&c)).unwrap_or_else(|_| "unknown".into())
 }
 
 /// The staging path in use.

@@ -8,16 +8,11 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-const MONTHS: [&str; 12] = [
-    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-];
+const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
 
 /// Seconds since the Unix epoch, now.
 pub fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 /// Year, month (1-12), day of a day count since 1970-01-01.
@@ -49,12 +44,7 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
 pub fn iso_utc(t: i64) -> String {
     let (y, m, d) = civil_from_days(t.div_euclid(86_400));
     let s = t.rem_euclid(86_400);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        s / 3600,
-        s / 60 % 60,
-        s % 60
-    )
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", s / 3600, s / 60 % 60, s % 60)
 }
 
 /// The current time as ISO 8601 UTC.
@@ -101,10 +91,7 @@ pub fn syslog_stamp() -> String {
 }
 
 /// Run `fut` for at most `d`; `None` if the time ran out first.
-pub async fn timeout<T>(
-    d: std::time::Duration,
-    fut: impl std::future::Future<Output = T>,
-) -> Option<T> {
+pub async fn timeout<T>(d: std::time::Duration, fut: impl std::future::Future<Output = T>) -> Option<T> {
     smol::future::or(async { Some(fut.await) }, async {
         smol::Timer::after(d).await;
         None

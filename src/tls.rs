@@ -25,8 +25,7 @@ use std::net::{Shutdown, TcpStream};
 use std::path::Path;
 
 use openssl::ssl::{
-    ErrorCode, Ssl, SslContext, SslContextBuilder, SslMethod, SslMode, SslOptions, SslStream,
-    SslVerifyMode, SslVersion,
+    ErrorCode, Ssl, SslContext, SslContextBuilder, SslMethod, SslMode, SslOptions, SslStream, SslVerifyMode, SslVersion,
 };
 use openssl::x509::X509;
 use smol::Async;
@@ -34,8 +33,7 @@ use smol::Async;
 /// TLS 1.2 cipher list (exactly upstream's).
 pub const TLS12_CIPHERS: &str = "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES128-GCM-SHA256";
 /// TLS 1.3 suites (exactly upstream's).
-pub const TLS13_SUITES: &str =
-    "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256";
+pub const TLS13_SUITES: &str = "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256";
 
 /// A TLS setup or handshake failure, in words an operator can act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,41 +47,28 @@ impl fmt::Display for TlsError {
 
 impl std::error::Error for TlsError {}
 
-fn load_identity(
-    b: &mut SslContextBuilder,
-    cert: &Path,
-    key: &Path,
-    ca: &Path,
-) -> Result<(), TlsError> {
+fn load_identity(b: &mut SslContextBuilder, cert: &Path, key: &Path, ca: &Path) -> Result<(), TlsError> {
     let read = |p: &Path, what: &str| {
         std::fs::read(p).map_err(|e| TlsError(format!("cannot read {what} {}: {e}", p.display())))
     };
     let cert_pem = read(cert, "certificate")?;
     let key_pem = read(key, "private key")?;
     let ca_pem = read(ca, "CA certificate")?;
-    let cert_x = X509::from_pem(&cert_pem)
-        .map_err(|_| TlsError(format!("{} is not a PEM certificate", cert.display())))?;
+    let cert_x =
+        X509::from_pem(&cert_pem).map_err(|_| TlsError(format!("{} is not a PEM certificate", cert.display())))?;
     let key_p = openssl::pkey::PKey::private_key_from_pem(&key_pem)
         .map_err(|_| TlsError(format!("{} is not a PEM private key", key.display())))?;
     let cas = X509::stack_from_pem(&ca_pem)
         .ok()
         .filter(|v| !v.is_empty())
         .ok_or_else(|| TlsError(format!("{} holds no PEM certificate", ca.display())))?;
-    b.set_certificate(&cert_x)
-        .map_err(|e| TlsError(format!("cannot use {}: {e}", cert.display())))?;
-    b.set_private_key(&key_p)
-        .map_err(|e| TlsError(format!("cannot use {}: {e}", key.display())))?;
+    b.set_certificate(&cert_x).map_err(|e| TlsError(format!("cannot use {}: {e}", cert.display())))?;
+    b.set_private_key(&key_p).map_err(|e| TlsError(format!("cannot use {}: {e}", key.display())))?;
     b.check_private_key().map_err(|_| {
-        TlsError(format!(
-            "private key {} does not belong to certificate {}",
-            key.display(),
-            cert.display()
-        ))
+        TlsError(format!("private key {} does not belong to certificate {}", key.display(), cert.display()))
     })?;
     for c in cas {
-        b.cert_store_mut()
-            .add_cert(c)
-            .map_err(|e| TlsError(format!("cannot trust {}: {e}", ca.display())))?;
+        b.cert_store_mut().add_cert(c).map_err(|e| TlsError(format!("cannot trust {}: {e}", ca.display())))?;
     }
     Ok(())
 }
@@ -91,8 +76,7 @@ fn load_identity(
 fn policy(method: SslMethod) -> Result<SslContextBuilder, TlsError> {
     let e = |e: openssl::error::ErrorStack| TlsError(format!("TLS setup: {e}"));
     let mut b = SslContextBuilder::new(method).map_err(e)?;
-    b.set_min_proto_version(Some(SslVersion::TLS1_2))
-        .map_err(e)?;
+    b.set_min_proto_version(Some(SslVersion::TLS1_2)).map_err(e)?;
     b.set_cipher_list(TLS12_CIPHERS).map_err(e)?;
     b.set_ciphersuites(TLS13_SUITES).map_err(e)?;
     b.set_options(
@@ -101,11 +85,7 @@ fn policy(method: SslMethod) -> Result<SslContextBuilder, TlsError> {
             | SslOptions::CIPHER_SERVER_PREFERENCE
             | SslOptions::IGNORE_UNEXPECTED_EOF,
     );
-    b.set_mode(
-        SslMode::ENABLE_PARTIAL_WRITE
-            | SslMode::ACCEPT_MOVING_WRITE_BUFFER
-            | SslMode::RELEASE_BUFFERS,
-    );
+    b.set_mode(SslMode::ENABLE_PARTIAL_WRITE | SslMode::ACCEPT_MOVING_WRITE_BUFFER | SslMode::RELEASE_BUFFERS);
     // One request per connection: nobody resumes, so do not mint tickets.
     b.set_num_tickets(0).map_err(e)?;
     Ok(b)
@@ -117,8 +97,7 @@ pub fn server_context(cert: &Path, key: &Path, ca: &Path) -> Result<SslContext, 
     let mut b = policy(SslMethod::tls_server())?;
     load_identity(&mut b, cert, key, ca)?;
     b.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
-    b.set_session_id_context(b"ctrl-exec")
-        .map_err(|e| TlsError(format!("TLS setup: {e}")))?;
+    b.set_session_id_context(b"ctrl-exec").map_err(|e| TlsError(format!("TLS setup: {e}")))?;
     if let Ok(c) = X509::from_pem(&std::fs::read(ca).unwrap_or_default()) {
         let _ = b.add_client_ca(&c);
     }
@@ -218,19 +197,11 @@ impl TlsStream {
         }
     }
 
-    async fn handshake(
-        ctx: &SslContext,
-        tcp: Async<TcpStream>,
-        server: bool,
-    ) -> Result<TlsStream, TlsError> {
+    async fn handshake(ctx: &SslContext, tcp: Async<TcpStream>, server: bool) -> Result<TlsStream, TlsError> {
         let ssl = Ssl::new(ctx).map_err(|e| TlsError(format!("TLS setup: {e}")))?;
-        let mut s =
-            SslStream::new(ssl, Io(tcp)).map_err(|e| TlsError(format!("TLS setup: {e}")))?;
-        let r = if server {
-            Self::drive(&mut s, |s| s.accept()).await
-        } else {
-            Self::drive(&mut s, |s| s.connect()).await
-        };
+        let mut s = SslStream::new(ssl, Io(tcp)).map_err(|e| TlsError(format!("TLS setup: {e}")))?;
+        let r =
+            if server { Self::drive(&mut s, |s| s.accept()).await } else { Self::drive(&mut s, |s| s.connect()).await };
         match r {
             Ok(()) => Ok(TlsStream { s }),
             Err(Stop::Io(e)) => Err(TlsError(e.to_string())),
@@ -269,9 +240,7 @@ impl TlsStream {
     /// Write the whole buffer.
     pub async fn write_all(&mut self, mut buf: &[u8]) -> io::Result<()> {
         while !buf.is_empty() {
-            let n = Self::drive(&mut self.s, |s| s.ssl_write(buf))
-                .await
-                .map_err(Stop::into_io)?;
+            let n = Self::drive(&mut self.s, |s| s.ssl_write(buf)).await.map_err(Stop::into_io)?;
             buf = &buf[n..];
         }
         Ok(())
@@ -312,10 +281,6 @@ impl TlsStream {
     /// Negotiated protocol and cipher, e.g. `TLSv1.3 TLS_AES_256_GCM_SHA384`.
     pub fn describe_session(&self) -> String {
         let ssl = self.s.ssl();
-        format!(
-            "{} {}",
-            ssl.version_str(),
-            ssl.current_cipher().map(|c| c.name()).unwrap_or("?")
-        )
+        format!("{} {}", ssl.version_str(), ssl.current_cipher().map(|c| c.name()).unwrap_or("?"))
     }
 }

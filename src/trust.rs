@@ -44,11 +44,7 @@ impl TrustedMap {
     /// Read the map; unreadable (not missing) files are an error.
     pub fn load(path: &Path) -> io::Result<Loaded<TrustedMap>> {
         let Some(text) = read_optional(path)? else {
-            return Ok(Loaded {
-                value: TrustedMap::default(),
-                present: false,
-                warnings: vec![],
-            });
+            return Ok(Loaded { value: TrustedMap::default(), present: false, warnings: vec![] });
         };
         let mut map = BTreeMap::new();
         let mut warnings = Vec::new();
@@ -70,11 +66,21 @@ impl TrustedMap {
                 )),
             }
         }
-        Ok(Loaded {
-            value: TrustedMap(map),
-            present: true,
-            warnings,
-        })
+        Ok(Loaded { value: TrustedMap(map), present: true, warnings })
+    }
+
+    /// Parse map text, skipping bad lines.
+    pub fn parse(text: &str) -> TrustedMap {
+        let mut map = BTreeMap::new();
+        for line in text.lines() {
+            let mut it = content(line).split_whitespace();
+            if let (Some(serial), Some(id)) = (it.next().and_then(canonical_serial), it.next())
+                && valid_dispatcher_id(id)
+            {
+                map.insert(serial, id.to_string());
+            }
+        }
+        TrustedMap(map)
     }
 
     /// The dispatcher id for a (canonical) serial.
@@ -102,11 +108,7 @@ impl TrustedMap {
 /// Load the revocation list (one serial per line, `#` comments).
 pub fn load_revoked(path: &Path) -> io::Result<Loaded<BTreeSet<String>>> {
     let Some(text) = read_optional(path)? else {
-        return Ok(Loaded {
-            value: BTreeSet::new(),
-            present: false,
-            warnings: vec![],
-        });
+        return Ok(Loaded { value: BTreeSet::new(), present: false, warnings: vec![] });
     };
     let mut set = BTreeSet::new();
     let mut warnings = Vec::new();
@@ -119,19 +121,10 @@ pub fn load_revoked(path: &Path) -> io::Result<Loaded<BTreeSet<String>>> {
             Some(s) => {
                 set.insert(s);
             }
-            None => warnings.push(format!(
-                "{}:{}: skipped '{}' (not a hex serial)",
-                path.display(),
-                i + 1,
-                l
-            )),
+            None => warnings.push(format!("{}:{}: skipped '{}' (not a hex serial)", path.display(), i + 1, l)),
         }
     }
-    Ok(Loaded {
-        value: set,
-        present: true,
-        warnings,
-    })
+    Ok(Loaded { value: set, present: true, warnings })
 }
 
 #[cfg(test)]
@@ -142,11 +135,7 @@ mod tests {
     fn map_round_trip_and_bad_lines() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("map");
-        std::fs::write(
-            &p,
-            "# c\n02 perl-peer\n1F other # note\nzz bad\n7 -bad\n\n3\n",
-        )
-        .unwrap();
+        std::fs::write(&p, "# c\n02 perl-peer\n1F other # note\nzz bad\n7 -bad\n\n3\n").unwrap();
         let l = TrustedMap::load(&p).unwrap();
         assert_eq!(l.value.lookup("2"), Some("perl-peer"));
         assert_eq!(l.value.lookup("1f"), Some("other"));
@@ -155,11 +144,7 @@ mod tests {
         let again = TrustedMap::load(&p).unwrap();
         assert_eq!(again.value, l.value);
         assert!(again.warnings.is_empty());
-        assert!(
-            std::fs::read_to_string(&p)
-                .unwrap()
-                .starts_with("# ctrl-exec trusted dispatchers")
-        );
+        assert!(std::fs::read_to_string(&p).unwrap().starts_with("# ctrl-exec trusted dispatchers"));
     }
 
     #[test]
@@ -175,16 +160,9 @@ mod tests {
     fn revocation_spellings() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("rev");
-        std::fs::write(
-            &p,
-            "serial=0A\n00:1f # old dispatcher\n0x7B\nnot-a-serial\n",
-        )
-        .unwrap();
+        std::fs::write(&p, "serial=0A\n00:1f # old dispatcher\n0x7B\nnot-a-serial\n").unwrap();
         let r = load_revoked(&p).unwrap();
-        assert_eq!(
-            r.value.iter().cloned().collect::<Vec<_>>(),
-            vec!["1f", "7b", "a"]
-        );
+        assert_eq!(r.value.iter().cloned().collect::<Vec<_>>(), vec!["1f", "7b", "a"]);
         assert_eq!(r.warnings.len(), 1);
     }
 }

@@ -55,20 +55,12 @@ pub fn canonical_serial(input: &str) -> Option<String> {
         return None;
     }
     let trimmed = digits.trim_start_matches('0');
-    Some(if trimmed.is_empty() {
-        "0".into()
-    } else {
-        trimmed.to_ascii_lowercase()
-    })
+    Some(if trimmed.is_empty() { "0".into() } else { trimmed.to_ascii_lowercase() })
 }
 
 /// Script names: word characters and hyphen (`[A-Za-z0-9_-]+`), at most 128.
 pub fn valid_script_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 128
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    !name.is_empty() && name.len() <= 128 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// Agent registry names: `[A-Za-z0-9][A-Za-z0-9._-]*`, at most 253 bytes.
@@ -77,8 +69,7 @@ pub fn valid_agent_name(name: &str) -> bool {
     !b.is_empty()
         && b.len() <= 253
         && b[0].is_ascii_alphanumeric()
-        && b.iter()
-            .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(c))
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || b"._-".contains(c))
 }
 
 /// Dispatcher ids: `[A-Za-z0-9][A-Za-z0-9._-]{0,63}`.
@@ -88,23 +79,11 @@ pub fn valid_dispatcher_id(id: &str) -> bool {
 
 /// Turn any string (e.g. a host name) into a valid dispatcher id.
 pub fn sanitize_dispatcher_id(raw: &str) -> String {
-    let mapped: String = raw
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "._-".contains(c) {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
+    let mapped: String =
+        raw.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '-' }).collect();
     let start = mapped.trim_start_matches(|c: char| !c.is_ascii_alphanumeric());
     let out: String = start.chars().take(64).collect();
-    if out.is_empty() {
-        "dispatcher".into()
-    } else {
-        out
-    }
+    if out.is_empty() { "dispatcher".into() } else { out }
 }
 
 /// Request ids the agent accepts where a reqid becomes a file name.
@@ -160,11 +139,7 @@ impl Obj {
 
 /// An integer JSON value.
 pub fn int(v: i64) -> Value {
-    if v >= 0 {
-        Value::Number(Number::U64(v as u64))
-    } else {
-        Value::Number(Number::I64(v))
-    }
+    if v >= 0 { Value::Number(Number::U64(v as u64)) } else { Value::Number(Number::I64(v)) }
 }
 
 /// A JSON array of strings.
@@ -258,25 +233,14 @@ mod tests {
 
     #[test]
     fn serial_spellings_agree() {
-        for s in [
-            "1f",
-            "1F",
-            "0x1f",
-            "0X001F",
-            "serial=1F",
-            "SERIAL=001f",
-            "00:1F",
-            "1f\n",
-        ] {
+        for s in ["1f", "1F", "0x1f", "0X001F", "serial=1F", "SERIAL=001f", "00:1F", "1f\n"] {
             assert_eq!(canonical_serial(s).as_deref(), Some("1f"), "{s:?}");
         }
         assert_eq!(canonical_serial("02").as_deref(), Some("2"));
         assert_eq!(canonical_serial("serial=10").as_deref(), Some("10"));
         assert_eq!(canonical_serial("0").as_deref(), Some("0"));
         assert_eq!(canonical_serial("00").as_deref(), Some("0"));
-        for bad in [
-            "", "xyz", "-5", "0x", "serial=", ":1f", "1f:", "1::f", "1 f", "g1",
-        ] {
+        for bad in ["", "xyz", "-5", "0x", "serial=", ":1f", "1f:", "1::f", "1 f", "g1"] {
             assert_eq!(canonical_serial(bad), None, "{bad:?}");
         }
     }
@@ -321,10 +285,7 @@ mod tests {
     fn reqid_shape() {
         let r = new_reqid();
         assert_eq!(r.len(), 16);
-        assert!(
-            r.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        );
+        assert!(r.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
         assert_ne!(r, new_reqid());
     }
 
@@ -333,10 +294,7 @@ mod tests {
         let o = parse_object(r#"{"port":"7443","n":5,"args":["a",1,true],"x":{}}"#).unwrap();
         assert_eq!(get_i64(&o, "port"), Some(7443));
         assert_eq!(get_str(&o, "n").as_deref(), Some("5"));
-        assert_eq!(
-            get_str_array(&o, "args").unwrap().unwrap(),
-            vec!["a", "1", "1"]
-        );
+        assert_eq!(get_str_array(&o, "args").unwrap().unwrap(), vec!["a", "1", "1"]);
         assert!(get_str_array(&o, "x").is_err());
         assert!(parse_object("[1]").is_none());
         assert!(parse_object("{bad").is_none());

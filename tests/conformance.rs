@@ -10,12 +10,7 @@ use common::*;
 use std::path::Path;
 
 fn golden(rel: &str) -> Vec<u8> {
-    std::fs::read(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/golden")
-            .join(rel),
-    )
-    .unwrap()
+    std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(rel)).unwrap()
 }
 
 /// Status line and header names of a reply, in order.
@@ -23,12 +18,7 @@ fn head_shape(reply: &str) -> (String, Vec<String>) {
     let head = reply.split("\r\n\r\n").next().unwrap();
     let mut lines = head.split("\r\n");
     let status = lines.next().unwrap().to_string();
-    (
-        status,
-        lines
-            .map(|l| l.split(':').next().unwrap().to_string())
-            .collect(),
-    )
+    (status, lines.map(|l| l.split(':').next().unwrap().to_string()).collect())
 }
 
 fn keys(o: &miniserde::json::Object) -> Vec<String> {
@@ -44,66 +34,28 @@ fn perl_dispatcher_requests_get_perl_shaped_replies() {
     a.script("echo", "#!/bin/sh\necho \"$@\"\n", "");
     a.start();
     let cases: &[(&str, u16, &[&str])] = &[
-        (
-            "run-args",
-            200,
-            &["exit", "reqid", "script", "stderr", "stdout"],
-        ),
-        (
-            "ping",
-            200,
-            &["expiry", "host", "reqid", "staged", "status", "version"],
-        ),
-        (
-            "run-not-allowlisted",
-            200,
-            &["error", "exit", "reqid", "script"],
-        ),
+        ("run-args", 200, &["exit", "reqid", "script", "stderr", "stdout"]),
+        ("ping", 200, &["expiry", "host", "reqid", "staged", "status", "version"]),
+        ("run-not-allowlisted", 200, &["error", "exit", "reqid", "script"]),
         ("run-bad-name", 200, &["error", "exit", "reqid", "script"]),
-        (
-            "agent-32-headers-ok",
-            200,
-            &["expiry", "host", "reqid", "staged", "status", "version"],
-        ),
+        ("agent-32-headers-ok", 200, &["expiry", "host", "reqid", "staged", "status", "version"]),
         ("agent-431-too-many-headers", 431, &["error"]),
         ("agent-413-body-too-large", 413, &["error"]),
         ("agent-404-unknown-route", 404, &["error"]),
         ("agent-run-invalid-json", 200, &["error", "exit"]),
         ("agent-run-args-not-array", 200, &["error", "exit", "reqid"]),
-        (
-            "agent-run-lf-only-headers",
-            200,
-            &["exit", "reqid", "script", "stderr", "stdout"],
-        ),
-        (
-            "agent-run-utf8-raw",
-            200,
-            &["exit", "reqid", "script", "stderr", "stdout"],
-        ),
-        (
-            "agent-run-unicode-escapes",
-            200,
-            &["exit", "reqid", "script", "stderr", "stdout"],
-        ),
+        ("agent-run-lf-only-headers", 200, &["exit", "reqid", "script", "stderr", "stdout"]),
+        ("agent-run-utf8-raw", 200, &["exit", "reqid", "script", "stderr", "stdout"]),
+        ("agent-run-unicode-escapes", 200, &["exit", "reqid", "script", "stderr", "stdout"]),
     ];
     for (case, code, want_keys) in cases {
         let request = golden(&format!("agent/{case}.request"));
         let perl = String::from_utf8(golden(&format!("agent/{case}.response"))).unwrap();
         let ours = raw_exchange(&d, a.port, &request).unwrap();
-        assert_eq!(
-            head_shape(&ours),
-            head_shape(&perl),
-            "{case}: status line and header names"
-        );
+        assert_eq!(head_shape(&ours), head_shape(&perl), "{case}: status line and header names");
         let (c, body) = split_reply(&ours);
         assert_eq!(c, *code, "{case}");
-        let cl: usize = ours
-            .lines()
-            .find_map(|l| l.strip_prefix("Content-Length: "))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
+        let cl: usize = ours.lines().find_map(|l| l.strip_prefix("Content-Length: ")).unwrap().trim().parse().unwrap();
         assert_eq!(cl, body.len(), "{case}: Content-Length matches the body");
         let (ob, pb) = (json(&body), json(&split_reply(&perl).1));
         assert_eq!(keys(&ob), *want_keys, "{case}: {body}");
@@ -121,10 +73,7 @@ fn perl_dispatcher_requests_get_perl_shaped_replies() {
     // as characters); the script still receives the original bytes.
     let body = split_reply(&raw_exchange(&d, a.port, &golden("agent/run-args.request")).unwrap()).1;
     let out = jstr(&json(&body), "stdout");
-    assert!(
-        out.starts_with("two words it's \"quoted\" $(id);|&><*`x` "),
-        "{out}"
-    );
+    assert!(out.starts_with("two words it's \"quoted\" $(id);|&><*`x` "), "{out}");
 }
 
 #[test]
@@ -139,23 +88,15 @@ fn pairing_codes_match_the_perl_vectors() {
     }
     assert!(n >= 10, "only {n} vectors");
     // the live pairing codes shown by both Perl sides
-    assert_eq!(
-        ctrl_exec::ca::pairing_code(&golden("vectors/csr/csr-from-pair-approved.pem")),
-        "906164"
-    );
-    assert_eq!(
-        ctrl_exec::ca::pairing_code(&golden("vectors/csr/csr-from-pair-denied.pem")),
-        "169286"
-    );
+    assert_eq!(ctrl_exec::ca::pairing_code(&golden("vectors/csr/csr-from-pair-approved.pem")), "906164");
+    assert_eq!(ctrl_exec::ca::pairing_code(&golden("vectors/csr/csr-from-pair-denied.pem")), "169286");
 }
 
 #[test]
 fn serial_vectors_agree_except_where_we_read_digits_as_hex() {
     let text = String::from_utf8(golden("vectors/serial-canonical.json")).unwrap();
     let v: miniserde::json::Value = miniserde::json::from_str(&text).unwrap();
-    let miniserde::json::Value::Array(items) = v else {
-        panic!()
-    };
+    let miniserde::json::Value::Array(items) = v else { panic!() };
     // Deliberate differences (spec README, difference 6): every spelling is hex.
     let ours_differ: &[(&str, Option<&str>)] = &[
         ("10", Some("10")),
@@ -164,10 +105,7 @@ fn serial_vectors_agree_except_where_we_read_digits_as_hex() {
         ("99", Some("99")),
         ("100", Some("100")),
         ("18446744073709551616", Some("18446744073709551616")),
-        (
-            "340282366920938463463374607431768211455",
-            Some("340282366920938463463374607431768211455"),
-        ),
+        ("340282366920938463463374607431768211455", Some("340282366920938463463374607431768211455")),
         ("01020304050607080910", Some("1020304050607080910")),
         ("0x0123456789", Some("123456789")),
         ("xyz", None),
@@ -178,24 +116,14 @@ fn serial_vectors_agree_except_where_we_read_digits_as_hex() {
     ];
     let mut agreed = 0;
     for item in items.iter() {
-        let miniserde::json::Value::Object(o) = item else {
-            panic!()
-        };
+        let miniserde::json::Value::Object(o) = item else { panic!() };
         let input = jstr(o, "input");
         let ours = ctrl_exec::wire::canonical_serial(&input);
         if let Some((_, want)) = ours_differ.iter().find(|(i, _)| *i == input) {
             assert_eq!(ours.as_deref(), *want, "{input:?}");
         } else {
-            assert_eq!(
-                ours.as_deref(),
-                Some(jstr(o, "output").as_str()),
-                "{input:?}"
-            );
-            assert_eq!(
-                ours.as_deref(),
-                Some(jstr(o, "output_applied_twice").as_str()),
-                "{input:?}: idempotent"
-            );
+            assert_eq!(ours.as_deref(), Some(jstr(o, "output").as_str()), "{input:?}");
+            assert_eq!(ours.as_deref(), Some(jstr(o, "output_applied_twice").as_str()), "{input:?}: idempotent");
             agreed += 1;
         }
     }
@@ -207,20 +135,15 @@ fn syslog_datagrams_are_rfc3164_with_the_role_ident() {
     let tmp = tempfile::tempdir().unwrap();
     let sock = tmp.path().join("log");
     let rx = std::os::unix::net::UnixDatagram::bind(&sock).unwrap();
-    rx.set_read_timeout(Some(std::time::Duration::from_secs(5)))
-        .unwrap();
+    rx.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
     let d = Dispatcher::new();
     let _a = d.agent("web1");
-    let conf = std::fs::read_to_string(&d.conf).unwrap().replace(
-        "log = stderr",
-        &format!("log = syslog\nsyslog_socket = {}", sock.display()),
-    );
+    let conf = std::fs::read_to_string(&d.conf)
+        .unwrap()
+        .replace("log = stderr", &format!("log = syslog\nsyslog_socket = {}", sock.display()));
     std::fs::write(&d.conf, conf).unwrap();
     let o = d.ok(&["run", "web1", "echo"]);
-    assert!(
-        !stderr(&o).contains("ACTION="),
-        "with a syslog socket nothing goes to stderr"
-    );
+    assert!(!stderr(&o).contains("ACTION="), "with a syslog socket nothing goes to stderr");
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     while let Ok(n) = rx.recv(&mut buf) {
@@ -235,10 +158,7 @@ fn syslog_datagrams_are_rfc3164_with_the_role_ident() {
         assert!(msg.starts_with("<30>"), "facility daemon, info: {msg}");
         let (stamp, rest) = msg[4..].split_at(15);
         let b = stamp.as_bytes();
-        assert!(
-            b[3] == b' ' && b[6] == b' ' && b[9] == b':' && b[12] == b':',
-            "Mmm dd hh:mm:ss: {stamp}"
-        );
+        assert!(b[3] == b' ' && b[6] == b' ' && b[9] == b':' && b[12] == b':', "Mmm dd hh:mm:ss: {stamp}");
         assert!(rest.starts_with(" ctrl-exec-dispatcher["), "{msg}");
         assert!(rest.contains(&format!("]: ACTION={action} ")), "{msg}");
     }

@@ -26,26 +26,15 @@ fn dispatcher_hook_allows_denies_and_times_out() {
             tmp.path().display()
         ),
     );
-    let d = Dispatcher::with_config(&format!(
-        "auth_hook = {}\nauth_hook_timeout = 1",
-        h.display()
-    ));
+    let d = Dispatcher::with_config(&format!("auth_hook = {}\nauth_hook_timeout = 1", h.display()));
     let _a = d.agent("web1");
     let code = tmp.path().join("code");
-    for (c, reason) in [
-        (1, "denied"),
-        (2, "bad credentials"),
-        (3, "insufficient privilege"),
-        (7, "hook exited 7"),
-    ] {
+    for (c, reason) in [(1, "denied"), (2, "bad credentials"), (3, "insufficient privilege"), (7, "hook exited 7")] {
         std::fs::write(&code, c.to_string()).unwrap();
         let o = d.run(&["run", "web1", "echo"]);
         assert_eq!(o.status.code(), Some(1));
         assert_eq!(
-            stderr(&o)
-                .lines()
-                .find(|l| l.starts_with("Denied"))
-                .unwrap_or(""),
+            stderr(&o).lines().find(|l| l.starts_with("Denied")).unwrap_or(""),
             format!("Denied: {reason}"),
             "{}",
             stderr(&o)
@@ -58,21 +47,8 @@ fn dispatcher_hook_allows_denies_and_times_out() {
         assert_eq!(jstr(&doc, "error"), reason);
     }
     std::fs::write(&code, "0").unwrap();
-    let o = d
-        .cmd(&[
-            "run",
-            "--username",
-            "carol",
-            "--token",
-            "tkn",
-            "web1",
-            "echo",
-            "--",
-            "a",
-            "b c",
-        ])
-        .output()
-        .unwrap();
+    let o =
+        d.cmd(&["run", "--username", "carol", "--token", "tkn", "web1", "echo", "--", "a", "b c"]).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let text = std::fs::read_to_string(&seen).unwrap();
     let ctx = json(text.lines().next().unwrap());
@@ -88,20 +64,12 @@ fn dispatcher_hook_allows_denies_and_times_out() {
             && text.contains("ENVEXEC_ARGS_JSON=[\"a\",\"b c\"]")
             && text.contains("ENVEXEC_HOSTS=web1")
     );
-    assert!(
-        stderr(&o).contains("ACTION=auth AUTHACTION=run") && stderr(&o).contains("RESULT=pass"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("ACTION=auth AUTHACTION=run") && stderr(&o).contains("RESULT=pass"), "{}", stderr(&o));
     assert!(!stderr(&o).contains("tkn"), "the token is never logged");
     // ping goes through the hook with its own action
     std::fs::write(&code, "0").unwrap();
     d.ok(&["ping", "web1"]);
-    assert!(
-        std::fs::read_to_string(&seen)
-            .unwrap()
-            .contains("\"action\":\"ping\"")
-    );
+    assert!(std::fs::read_to_string(&seen).unwrap().contains("\"action\":\"ping\""));
     // a hook that hangs is killed and the request denied
     let slow = hook(tmp.path(), "hook", "sleep 30");
     let _ = slow;
@@ -109,16 +77,8 @@ fn dispatcher_hook_allows_denies_and_times_out() {
     let o = d.run(&["run", "web1", "echo"]);
     assert!(t.elapsed() < Duration::from_secs(10));
     assert_eq!(o.status.code(), Some(1));
-    assert!(
-        stderr(&o).contains("Denied: auth hook timed out after 1s"),
-        "{}",
-        stderr(&o)
-    );
-    assert!(
-        stderr(&o).contains("ACTION=auth-hook-timeout TIMEOUT=1"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("Denied: auth hook timed out after 1s"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("ACTION=auth-hook-timeout TIMEOUT=1"), "{}", stderr(&o));
 }
 
 #[test]
@@ -127,11 +87,7 @@ fn a_missing_dispatcher_hook_denies_everything() {
     let _a = d.agent("web1");
     let o = d.run(&["run", "web1", "echo"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(
-        stderr(&o).contains("Denied: auth hook not found or not executable: /nonexistent/hook"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("Denied: auth hook not found or not executable: /nonexistent/hook"), "{}", stderr(&o));
     assert!(stderr(&o).contains("RESULT=error"));
 }
 
@@ -152,24 +108,12 @@ fn agent_hook_sees_the_dispatcher_and_the_forwarded_token() {
     );
     a.configure(&format!("auth_hook = {}", h.display()));
     a.start();
-    let o = d
-        .cmd(&["run", "--json", "web1", "echo"])
-        .env("ENVEXEC_TOKEN", "wrong")
-        .output()
-        .unwrap();
+    let o = d.cmd(&["run", "--json", "web1", "echo"]).env("ENVEXEC_TOKEN", "wrong").output().unwrap();
     assert_eq!(o.status.code(), Some(1));
     let r = &results(&json(&stdout(&o)))[0];
     assert_eq!(jstr(r, "error"), "not authorised: insufficient privilege");
-    assert!(
-        a.log().contains("ACTION=deny") && a.log().contains("REASON=\"insufficient privilege\""),
-        "{}",
-        a.log()
-    );
-    let o = d
-        .cmd(&["run", "--json", "web1", "echo"])
-        .env("ENVEXEC_TOKEN", "let-me-in")
-        .output()
-        .unwrap();
+    assert!(a.log().contains("ACTION=deny") && a.log().contains("REASON=\"insufficient privilege\""), "{}", a.log());
+    let o = d.cmd(&["run", "--json", "web1", "echo"]).env("ENVEXEC_TOKEN", "let-me-in").output().unwrap();
     assert!(o.status.success());
     assert_eq!(jstr(&results(&json(&stdout(&o)))[0], "stdout"), "ran\n");
     let text = std::fs::read_to_string(&seen).unwrap();
@@ -186,19 +130,12 @@ fn an_agent_with_an_unusable_hook_refuses_to_start() {
     let a = d.enroll("web1");
     a.configure("auth_hook = /nonexistent/agent-hook");
     let o = std::process::Command::new(bin())
-        .args([
-            "agent",
-            "serve",
-            "--log-stderr",
-            "--config",
-            a.conf().to_str().unwrap(),
-        ])
+        .args(["agent", "serve", "--log-stderr", "--config", a.conf().to_str().unwrap()])
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(78));
     assert!(
-        stderr(&o)
-            .contains("auth_hook /nonexistent/agent-hook does not exist or is not executable"),
+        stderr(&o).contains("auth_hook /nonexistent/agent-hook does not exist or is not executable"),
         "{}",
         stderr(&o)
     );

@@ -26,10 +26,7 @@ fn json_output_has_boolean_ok_and_the_agent_fields() {
     let _a = d.agent("web1");
     let o = d.ok(&["run", "--json", "web1", "echo", "--", "x"]);
     let doc = json(&stdout(&o));
-    assert!(matches!(
-        doc.get("ok"),
-        Some(miniserde::json::Value::Bool(true))
-    ));
+    assert!(matches!(doc.get("ok"), Some(miniserde::json::Value::Bool(true))));
     let r = &results(&doc)[0];
     for k in ["host", "script", "exit", "stdout", "stderr", "reqid", "rtt"] {
         assert!(r.contains_key(k), "missing {k} in {r:?}");
@@ -46,36 +43,15 @@ fn shell_metacharacters_arrive_byte_for_byte_and_nothing_is_executed() {
     let d = Dispatcher::new();
     let marker = d.path().join("pwned");
     let a = d.agent("web1");
-    let nasty = format!(
-        "; $(touch {m}) \"q\" 'x' * `touch {m}` | touch {m} && touch {m}",
-        m = marker.display()
-    );
-    let o = d.ok(&[
-        "run",
-        "--json",
-        "web1",
-        "echo",
-        "--",
-        &nasty,
-        "",
-        "*",
-        "$HOME",
-        "a\tb\\c",
-        "héllo ✓ 日本",
-    ]);
+    let nasty = format!("; $(touch {m}) \"q\" 'x' * `touch {m}` | touch {m} && touch {m}", m = marker.display());
+    let o = d.ok(&["run", "--json", "web1", "echo", "--", &nasty, "", "*", "$HOME", "a\tb\\c", "héllo ✓ 日本"]);
     let r = &results(&json(&stdout(&o)))[0];
-    assert_eq!(
-        jstr(r, "stdout"),
-        format!("[{nasty}][][*][$HOME][a\tb\\c][héllo ✓ 日本]\n")
-    );
+    assert_eq!(jstr(r, "stdout"), format!("[{nasty}][][*][$HOME][a\tb\\c][héllo ✓ 日本]\n"));
     assert!(!marker.exists(), "an argument was executed by a shell");
     // the exact upstream test string from the issue
     let upstream = "; $(touch /tmp/pwned) \"q\" 'x' *";
     let o = d.ok(&["run", "--json", "web1", "echo", "--", upstream]);
-    assert_eq!(
-        jstr(&results(&json(&stdout(&o)))[0], "stdout"),
-        format!("[{upstream}]\n")
-    );
+    assert_eq!(jstr(&results(&json(&stdout(&o)))[0], "stdout"), format!("[{upstream}]\n"));
     drop(a);
 }
 
@@ -86,16 +62,9 @@ fn random_arguments_round_trip_exactly() {
     let d = Dispatcher::new();
     let mut a = d.enroll("web1");
     // NUL-separated, so every byte of every argument comes back distinguishable.
-    a.script(
-        "nul",
-        "#!/bin/sh\nfor a in \"$@\"; do printf '%s\\0' \"$a\"; done\n",
-        "",
-    );
+    a.script("nul", "#!/bin/sh\nfor a in \"$@\"; do printf '%s\\0' \"$a\"; done\n", "");
     a.start();
-    let mut runner = TestRunner::new(Config {
-        cases: 12,
-        ..Config::default()
-    });
+    let mut runner = TestRunner::new(Config { cases: 12, ..Config::default() });
     let strategy = proptest::collection::vec("[^\u{0}]{0,40}", 0..25);
     runner
         .run(&strategy, |args| {
@@ -132,21 +101,13 @@ fn refused_script_names_never_run() {
         ),
     )
     .unwrap();
-    a.configure(&format!(
-        "script_dirs = {}",
-        a.dir.join("scripts").display()
-    ));
+    a.configure(&format!("script_dirs = {}", a.dir.join("scripts").display()));
     a.start();
     assert!(a.log().contains("skipped 'outside'"), "{}", a.log());
-    assert!(
-        stdout(&d.ok(&["run", "web1", "link"])).contains("ran"),
-        "the symlink is fine while it points inside"
-    );
+    assert!(stdout(&d.ok(&["run", "web1", "link"])).contains("ran"), "the symlink is fine while it points inside");
     std::fs::remove_file(&link).unwrap();
     std::os::unix::fs::symlink(&outside, &link).unwrap();
-    for name in [
-        "nosuch", "../x", "a/b", "..", "a b", "$(id)", "x;y", "echo.sh", "ECHO", "outside", "link",
-    ] {
+    for name in ["nosuch", "../x", "a/b", "..", "a b", "$(id)", "x;y", "echo.sh", "ECHO", "outside", "link"] {
         let o = d.run(&["run", "--json", "web1", name]);
         assert_eq!(o.status.code(), Some(1), "{name}");
         let r = &results(&json(&stdout(&o)))[0];
@@ -155,19 +116,9 @@ fn refused_script_names_never_run() {
         assert!(!r.contains_key("stdout"), "{name}");
     }
     let log = a.log();
-    assert!(
-        log.contains("ACTION=deny") && log.contains("REFUSAL=outside-script-dirs"),
-        "{log}"
-    );
-    assert!(
-        log.contains("REFUSAL=invalid-name") && log.contains("REFUSAL=not-allowlisted"),
-        "{log}"
-    );
-    assert_eq!(
-        log.matches(": ACTION=run ").count(),
-        1,
-        "only the first, legitimate link run may run: {log}"
-    );
+    assert!(log.contains("ACTION=deny") && log.contains("REFUSAL=outside-script-dirs"), "{log}");
+    assert!(log.contains("REFUSAL=invalid-name") && log.contains("REFUSAL=not-allowlisted"), "{log}");
+    assert_eq!(log.matches(": ACTION=run ").count(), 1, "only the first, legitimate link run may run: {log}");
     // the allowed one still runs
     let o = d.ok(&["run", "web1", "echo"]);
     assert!(stdout(&o).contains("ran"));
@@ -177,11 +128,7 @@ fn refused_script_names_never_run() {
 fn failing_script_sets_exit_code_and_shows_stderr() {
     let d = Dispatcher::new();
     let mut a = d.enroll("web1");
-    a.script(
-        "fail",
-        "#!/bin/sh\necho \"failing with $1\" >&2\nexit $1\n",
-        "",
-    );
+    a.script("fail", "#!/bin/sh\necho \"failing with $1\" >&2\nexit $1\n", "");
     a.start();
     let o = d.run(&["run", "web1", "fail", "--", "3"]);
     assert_eq!(o.status.code(), Some(1));
@@ -196,27 +143,14 @@ fn unknown_agents_are_refused_before_any_connection() {
     let _a = d.agent("web1");
     let o = d.run(&["run", "web1", "ghost", "echo"]);
     assert_ne!(o.status.code(), Some(0));
-    assert!(
-        stderr(&o).contains("unknown agent(s): ghost"),
-        "{}",
-        stderr(&o)
-    );
-    assert!(
-        stdout(&o).is_empty(),
-        "nothing may run when a name is unknown"
-    );
+    assert!(stderr(&o).contains("unknown agent(s): ghost"), "{}", stderr(&o));
+    assert!(stdout(&o).is_empty(), "nothing may run when a name is unknown");
 }
 
 #[test]
 fn usage_errors_are_clear_and_exit_2() {
     let d = Dispatcher::new();
-    for args in [
-        vec!["run"],
-        vec!["run", "echo"],
-        vec!["ping"],
-        vec!["frobnicate"],
-        vec!["run", "a:99999", "x"],
-    ] {
+    for args in [vec!["run"], vec!["run", "echo"], vec!["ping"], vec!["frobnicate"], vec!["run", "a:99999", "x"]] {
         let o = d.run(&args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
         assert!(!stderr(&o).is_empty());
@@ -230,24 +164,15 @@ fn ping_prints_a_table_and_json() {
     let o = d.ok(&["ping", "web1"]);
     let out = stdout(&o);
     let lines: Vec<&str> = out.lines().collect();
-    assert!(
-        lines[0].starts_with("HOST                            STATUS    RTT       CERT EXPIRY"),
-        "{out}"
-    );
+    assert!(lines[0].starts_with("HOST                            STATUS    RTT       CERT EXPIRY"), "{out}");
     assert_eq!(lines[1], "-".repeat(85));
-    assert!(
-        lines[2].starts_with("web1 ") && lines[2].contains(" ok ") && lines[2].contains(" GMT "),
-        "{out}"
-    );
+    assert!(lines[2].starts_with("web1 ") && lines[2].contains(" ok ") && lines[2].contains(" GMT "), "{out}");
     let o = d.ok(&["ping", "--json", "web1"]);
     let r = &results(&json(&stdout(&o)))[0];
     assert_eq!(jstr(r, "status"), "ok");
     assert_eq!(jstr(r, "staged"), "false");
     assert_eq!(jstr(r, "version"), env!("CARGO_PKG_VERSION"));
-    assert!(
-        !r.contains_key("reported_hostname"),
-        "enrolment makes the agent report its registry name"
-    );
+    assert!(!r.contains_key("reported_hostname"), "enrolment makes the agent report its registry name");
 }
 
 #[test]
@@ -269,10 +194,7 @@ fn fan_out_to_twenty_agents_with_one_stopped() {
         if jstr(r, "host") == "a07" {
             assert_eq!(jstr(r, "exit"), "-1");
             let e = jstr(r, "error");
-            assert!(
-                e.contains("did not respond on port") && e.contains("connection refused"),
-                "{e}"
-            );
+            assert!(e.contains("did not respond on port") && e.contains("connection refused"), "{e}");
         } else {
             assert_eq!(jstr(r, "exit"), "0", "{r:?}");
             assert_eq!(jstr(r, "stdout"), "[fan]\n");
@@ -283,68 +205,31 @@ fn fan_out_to_twenty_agents_with_one_stopped() {
     pargv.extend(names.iter().map(String::as_str));
     let o = d.run(&pargv);
     assert_eq!(o.status.code(), Some(1));
-    assert_eq!(
-        stdout(&o).lines().filter(|l| l.contains(" ok ")).count(),
-        19,
-        "{}",
-        stdout(&o)
-    );
-    assert!(
-        stdout(&o).contains("ERROR: host 'a07' did not respond"),
-        "{}",
-        stdout(&o)
-    );
+    assert_eq!(stdout(&o).lines().filter(|l| l.contains(" ok ")).count(), 19, "{}", stdout(&o));
+    assert!(stdout(&o).contains("ERROR: host 'a07' did not respond"), "{}", stdout(&o));
 }
 
 #[test]
 fn both_sides_log_the_same_reqid_with_user_script_args_and_exit() {
     let d = Dispatcher::new();
     let a = d.agent("web1");
-    let o = d
-        .cmd(&["run", "--username", "alice", "web1", "echo", "--", "a b"])
-        .output()
-        .unwrap();
+    let o = d.cmd(&["run", "--username", "alice", "web1", "echo", "--", "a b"]).output().unwrap();
     assert!(o.status.success());
     let disp = stderr(&o);
     let dispatch = reqids(&disp, "dispatch");
     let disp_run = reqids(&disp, "run");
     assert_eq!(dispatch.len(), 1, "{disp}");
     assert_eq!(disp_run, dispatch);
-    assert!(a.wait_log(
-        &format!("REQID={}", dispatch[0]),
-        std::time::Duration::from_secs(5)
-    ));
-    let agent_line = a
-        .log()
-        .lines()
-        .find(|l| l.contains(": ACTION=run "))
-        .unwrap()
-        .to_string();
-    for needle in [
-        "USER=alice",
-        "SCRIPT=echo",
-        "EXIT=0",
-        "PEER=127.0.0.1",
-        "DISPATCHER=test-dispatcher",
-        r#"ARGS="[\"a b\"]""#,
-    ] {
-        assert!(
-            agent_line.contains(needle),
-            "{needle} missing in {agent_line}"
-        );
+    assert!(a.wait_log(&format!("REQID={}", dispatch[0]), std::time::Duration::from_secs(5)));
+    let agent_line = a.log().lines().find(|l| l.contains(": ACTION=run ")).unwrap().to_string();
+    for needle in
+        ["USER=alice", "SCRIPT=echo", "EXIT=0", "PEER=127.0.0.1", "DISPATCHER=test-dispatcher", r#"ARGS="[\"a b\"]""#]
+    {
+        assert!(agent_line.contains(needle), "{needle} missing in {agent_line}");
     }
     let disp_line = disp.lines().find(|l| l.contains(": ACTION=run ")).unwrap();
-    for needle in [
-        "USER=alice",
-        "SCRIPT=echo",
-        "EXIT=0",
-        "TARGET=127.0.0.1:",
-        r#"ARGS="[\"a b\"]""#,
-    ] {
-        assert!(
-            disp_line.contains(needle),
-            "{needle} missing in {disp_line}"
-        );
+    for needle in ["USER=alice", "SCRIPT=echo", "EXIT=0", "TARGET=127.0.0.1:", r#"ARGS="[\"a b\"]""#] {
+        assert!(disp_line.contains(needle), "{needle} missing in {disp_line}");
     }
     // ACTION first, then keys in byte order
     let keys: Vec<&str> = agent_line
@@ -371,22 +256,13 @@ fn list_agents_shows_the_registry() {
     let out = stdout(&o);
     assert!(out.starts_with("HOSTNAME"), "{out}");
     let row = out.lines().nth(2).unwrap();
-    assert!(
-        row.starts_with("web1 ") && row.contains("127.0.0.1") && row.contains(" ip "),
-        "{row}"
-    );
+    assert!(row.starts_with("web1 ") && row.contains("127.0.0.1") && row.contains(" ip "), "{row}");
     let days: i64 = row.split_whitespace().last().unwrap().parse().unwrap();
     assert!((360..=366).contains(&days), "{row}");
     let o = d.ok(&["list-agents", "--json"]);
     let text = stdout(&o);
-    assert!(
-        text.starts_with("[{") && text.contains("\"hostname\":\"web1\""),
-        "{text}"
-    );
+    assert!(text.starts_with("[{") && text.contains("\"hostname\":\"web1\""), "{text}");
     let o = d.ok(&["list-agents", "--tags", "env=prod"]);
     assert_eq!(stdout(&o).trim(), "No agents match the tag filter.");
-    assert_eq!(
-        d.run(&["list-agents", "--tags", "novalue"]).status.code(),
-        Some(2)
-    );
+    assert_eq!(d.run(&["list-agents", "--tags", "novalue"]).status.code(), Some(2));
 }

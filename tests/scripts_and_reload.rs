@@ -10,7 +10,11 @@ use std::time::{Duration, Instant};
 fn output_is_capped_with_a_truncation_flag() {
     let d = Dispatcher::new();
     let mut a = d.enroll("web1");
-    a.script("chatty", "#!/bin/sh\nhead -c 500000 /dev/zero | tr '\\0' a\nhead -c 300 /dev/zero | tr '\\0' e >&2\n", "");
+    a.script(
+        "chatty",
+        "#!/bin/sh\nhead -c 500000 /dev/zero | tr '\\0' a\nhead -c 300 /dev/zero | tr '\\0' e >&2\n",
+        "",
+    );
     a.configure("max_output = 1000");
     a.start();
     let o = d.ok(&["run", "--json", "web1", "chatty"]);
@@ -20,11 +24,7 @@ fn output_is_capped_with_a_truncation_flag() {
     assert_eq!(jstr(r, "truncated"), "true");
     assert!(a.log().contains("TRUNCATED=yes"));
     let o = d.ok(&["run", "web1", "chatty"]);
-    assert!(
-        stdout(&o).contains("NOTE: output truncated"),
-        "{}",
-        stdout(&o)
-    );
+    assert!(stdout(&o).contains("NOTE: output truncated"), "{}", stdout(&o));
 }
 
 #[test]
@@ -34,10 +34,7 @@ fn a_timeout_kills_the_whole_process_group_and_says_so() {
     let marker = d.path().join("grandchild-survived");
     a.script(
         "hang",
-        &format!(
-            "#!/bin/sh\n(sleep 2; touch {}) &\necho working\nsleep 60\n",
-            marker.display()
-        ),
+        &format!("#!/bin/sh\n(sleep 2; touch {}) &\necho working\nsleep 60\n", marker.display()),
         "timeout=1",
     );
     a.start();
@@ -60,51 +57,26 @@ fn sighup_reloads_the_allowlist_without_touching_a_running_script() {
     let d = Dispatcher::new();
     let mut a = d.enroll("web1");
     let started = d.path().join("started");
-    a.script(
-        "slow",
-        &format!(
-            "#!/bin/sh\ntouch {}\nsleep 2\necho finished\n",
-            started.display()
-        ),
-        "",
-    );
+    a.script("slow", &format!("#!/bin/sh\ntouch {}\nsleep 2\necho finished\n", started.display()), "");
     let newer = a.dir.join("scripts/newer.sh");
     write_exec(&newer, "#!/bin/sh\necho newer\n");
     a.start();
-    let slow = d
-        .cmd(&["run", "--json", "web1", "slow"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let slow = d.cmd(&["run", "--json", "web1", "slow"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
     let t = Instant::now();
     while !started.exists() {
         assert!(t.elapsed() < Duration::from_secs(10));
         std::thread::sleep(Duration::from_millis(10));
     }
     // Replace the allowlist while `slow` runs: drop it, add `newer`.
-    std::fs::write(
-        a.dir.join("scripts.conf"),
-        format!("newer = {}\n", newer.display()),
-    )
-    .unwrap();
+    std::fs::write(a.dir.join("scripts.conf"), format!("newer = {}\n", newer.display())).unwrap();
     a.reload();
-    assert!(
-        a.log().contains("ACTION=reload ") && a.log().contains("SCRIPTS=1"),
-        "{}",
-        a.log()
-    );
+    assert!(a.log().contains("ACTION=reload ") && a.log().contains("SCRIPTS=1"), "{}", a.log());
     let out = slow.wait_with_output().unwrap();
     assert!(out.status.success(), "the in-flight run was disturbed");
-    assert_eq!(
-        jstr(&results(&json(&stdout(&out)))[0], "stdout"),
-        "finished\n"
-    );
+    assert_eq!(jstr(&results(&json(&stdout(&out)))[0], "stdout"), "finished\n");
     assert!(stdout(&d.ok(&["run", "web1", "newer"])).contains("newer"));
     let o = d.run(&["run", "--json", "web1", "slow"]);
-    assert_eq!(
-        jstr(&results(&json(&stdout(&o)))[0], "error"),
-        "script not permitted"
-    );
+    assert_eq!(jstr(&results(&json(&stdout(&o)))[0], "error"), "script not permitted");
 }
 
 #[test]
@@ -113,16 +85,8 @@ fn a_broken_reload_keeps_the_running_configuration() {
     let a = d.agent("web1");
     a.configure("this line is not a setting");
     a.signal(libc::SIGHUP);
-    assert!(
-        a.wait_log("ACTION=reload-fail", Duration::from_secs(5)),
-        "{}",
-        a.log()
-    );
-    assert!(
-        a.log().contains("agent.conf:"),
-        "the failure names the file and line: {}",
-        a.log()
-    );
+    assert!(a.wait_log("ACTION=reload-fail", Duration::from_secs(5)), "{}", a.log());
+    assert!(a.log().contains("agent.conf:"), "the failure names the file and line: {}", a.log());
     d.ok(&["run", "web1", "echo"]);
 }
 
@@ -131,20 +95,9 @@ fn sigterm_lets_running_scripts_finish() {
     let d = Dispatcher::new();
     let mut a = d.enroll("web1");
     let started = d.path().join("started");
-    a.script(
-        "slow",
-        &format!(
-            "#!/bin/sh\ntouch {}\nsleep 1\necho done\n",
-            started.display()
-        ),
-        "",
-    );
+    a.script("slow", &format!("#!/bin/sh\ntouch {}\nsleep 1\necho done\n", started.display()), "");
     a.start();
-    let slow = d
-        .cmd(&["run", "--json", "web1", "slow"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let slow = d.cmd(&["run", "--json", "web1", "slow"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
     let t = Instant::now();
     while !started.exists() {
         assert!(t.elapsed() < Duration::from_secs(10));
@@ -154,11 +107,7 @@ fn sigterm_lets_running_scripts_finish() {
     assert!(status.success(), "{status}");
     let out = slow.wait_with_output().unwrap();
     assert_eq!(jstr(&results(&json(&stdout(&out)))[0], "stdout"), "done\n");
-    assert!(
-        a.log().contains("ACTION=stop GRACE=30 LIVE=1"),
-        "{}",
-        a.log()
-    );
+    assert!(a.log().contains("ACTION=stop GRACE=30 LIVE=1"), "{}", a.log());
     let o = d.run(&["ping", "--json", "web1"]);
     assert!(jstr(&results(&json(&stdout(&o)))[0], "error").contains("connection refused"));
 }
@@ -170,16 +119,7 @@ fn the_script_gets_a_clean_environment_and_the_context_on_stdin() {
     a.script("ctx", "#!/bin/sh\ncat\necho\nenv | sort\n", "");
     a.start();
     let o = d
-        .cmd(&[
-            "run",
-            "--json",
-            "--username",
-            "bob",
-            "web1",
-            "ctx",
-            "--",
-            "x",
-        ])
+        .cmd(&["run", "--json", "--username", "bob", "web1", "ctx", "--", "x"])
         .env("ENVEXEC_TOKEN", "s3cret")
         .env("LEAKY_SECRET", "nope")
         .output()
@@ -194,13 +134,7 @@ fn the_script_gets_a_clean_environment_and_the_context_on_stdin() {
     assert_eq!(jstr(&ctx, "peer_ip"), "127.0.0.1");
     assert_eq!(jstr(&ctx, "args"), r#"["x"]"#);
     assert_eq!(jstr(&ctx, "reqid").len(), 16);
-    assert!(
-        !out.contains("LEAKY_SECRET") && !out.contains("ENVEXEC"),
-        "{out}"
-    );
-    assert!(
-        out.contains("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
-        "{out}"
-    );
+    assert!(!out.contains("LEAKY_SECRET") && !out.contains("ENVEXEC"), "{out}");
+    assert!(out.contains("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"), "{out}");
     assert!(!a.log().contains("s3cret"), "tokens are never logged");
 }

@@ -28,65 +28,36 @@ fn roles_come_from_argv0_or_the_first_argument() {
         let o = run_as(name, &["--version"]);
         assert_eq!(stdout(&o), format!("{want} {v}\n"), "{name}");
     }
-    let o = Command::new(bin())
-        .args(["agent", "--version"])
-        .output()
-        .unwrap();
+    let o = Command::new(bin()).args(["agent", "--version"]).output().unwrap();
     assert_eq!(stdout(&o), format!("ctrl-exec-agent {v}\n"));
     let o = Command::new(bin()).arg("--help").output().unwrap();
     assert!(o.status.success());
-    for needle in [
-        "ctrl-exec-agent",
-        "ctrl-exec-ca",
-        "cea",
-        "ced",
-        "run <host>",
-        "ping <host>",
-        "list-agents",
-        "--install-links",
-    ] {
+    for needle in
+        ["ctrl-exec-agent", "ctrl-exec-ca", "cea", "ced", "run <host>", "ping <host>", "list-agents", "--install-links"]
+    {
         assert!(stdout(&o).contains(needle), "help lacks {needle}");
     }
     // the agent without a verb prints its usage and succeeds
     let o = run_as("ctrl-exec-agent", &[]);
-    assert!(
-        o.status.success() && stdout(&o).contains("serve"),
-        "{}",
-        stdout(&o)
-    );
+    assert!(o.status.success() && stdout(&o).contains("serve"), "{}", stdout(&o));
     let o = run_as("ctrl-exec-agent", &["dance"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("dance"), "{}", stderr(&o));
     let o = Command::new(bin()).output().unwrap();
     assert_eq!(o.status.code(), Some(2), "no verb is a usage error");
     // `ca` subcommand and the CLI verbs reach the same CA code
-    let o = Command::new(bin())
-        .args(["ca", "setup-ca", "--help"])
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success() && stdout(&o).contains("refuses to overwrite"),
-        "{}",
-        stdout(&o)
-    );
+    let o = Command::new(bin()).args(["ca", "setup-ca", "--help"]).output().unwrap();
+    assert!(o.status.success() && stdout(&o).contains("refuses to overwrite"), "{}", stdout(&o));
 }
 
 #[test]
 fn install_links_creates_one_symlink_per_role() {
     let dir = tempfile::tempdir().unwrap();
-    let o = Command::new(bin())
-        .args(["--install-links", dir.path().to_str().unwrap()])
-        .output()
-        .unwrap();
+    let o = Command::new(bin()).args(["--install-links", dir.path().to_str().unwrap()]).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     for name in ["ctrl-exec-agent", "ctrl-exec-ca"] {
         let l = dir.path().join(name);
-        assert!(
-            std::fs::symlink_metadata(&l)
-                .unwrap()
-                .file_type()
-                .is_symlink()
-        );
+        assert!(std::fs::symlink_metadata(&l).unwrap().file_type().is_symlink());
         let o = Command::new(&l).arg("--version").output().unwrap();
         assert!(stdout(&o).starts_with(name));
     }
@@ -103,19 +74,13 @@ fn the_ca_is_created_once_with_private_keys_0600_and_verifies_with_openssl() {
         ("dispatcher.crt", 0o644),
         ("ca.serial", 0o600),
     ] {
-        let m = std::os::unix::fs::PermissionsExt::mode(
-            &std::fs::metadata(p.join(f)).unwrap().permissions(),
-        ) & 0o777;
+        let m = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p.join(f)).unwrap().permissions()) & 0o777;
         assert_eq!(m, mode, "{f}");
     }
     let before = std::fs::read(p.join("ca.key")).unwrap();
     let o = d.run(&["setup-ca"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(
-        stderr(&o).contains("refusing to overwrite"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("refusing to overwrite"), "{}", stderr(&o));
     assert_eq!(std::fs::read(p.join("ca.key")).unwrap(), before);
     let a = d.enroll("web1");
     // cross-check with an independent verifier
@@ -131,21 +96,11 @@ fn the_ca_is_created_once_with_private_keys_0600_and_verifies_with_openssl() {
         .unwrap();
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
     let o = Command::new("openssl")
-        .args([
-            "x509",
-            "-noout",
-            "-subject",
-            "-serial",
-            "-in",
-            a.dir.join("agent.crt").to_str().unwrap(),
-        ])
+        .args(["x509", "-noout", "-subject", "-serial", "-in", a.dir.join("agent.crt").to_str().unwrap()])
         .output()
         .unwrap();
     let text = stdout(&o);
-    assert!(
-        text.contains("CN = web1") || text.contains("CN=web1"),
-        "{text}"
-    );
+    assert!(text.contains("CN = web1") || text.contains("CN=web1"), "{text}");
     assert!(text.contains("serial=03"), "serials are sequential: {text}");
     // a second dispatcher certificate with agents registered needs confirmation
     let o = d.run(&["setup-ctrl-exec"]);
@@ -157,21 +112,11 @@ fn the_ca_is_created_once_with_private_keys_0600_and_verifies_with_openssl() {
 fn enrolment_writes_a_ready_agent_and_registers_it() {
     let d = Dispatcher::new();
     let a = d.enroll("web1");
-    for f in [
-        "agent.key",
-        "agent.crt",
-        "ca.crt",
-        "ctrl-exec-dispatchers",
-        "agent.conf",
-        "scripts.conf",
-    ] {
+    for f in ["agent.key", "agent.crt", "ca.crt", "ctrl-exec-dispatchers", "agent.conf", "scripts.conf"] {
         assert!(a.dir.join(f).exists(), "{f}");
     }
-    let m = std::os::unix::fs::PermissionsExt::mode(
-        &std::fs::metadata(a.dir.join("agent.key"))
-            .unwrap()
-            .permissions(),
-    ) & 0o777;
+    let m = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(a.dir.join("agent.key")).unwrap().permissions())
+        & 0o777;
     assert_eq!(m, 0o600);
     let map = std::fs::read_to_string(a.dir.join("ctrl-exec-dispatchers")).unwrap();
     assert!(map.ends_with("\n2 test-dispatcher\n"), "{map}");
@@ -184,14 +129,7 @@ fn enrolment_writes_a_ready_agent_and_registers_it() {
     assert_eq!(jstr(&rec, "serial_status"), "current");
     assert!(jstr(&rec, "expiry").ends_with(" GMT"));
     // an existing name is refused unless --force
-    let o = d.run(&[
-        "enroll",
-        "web1",
-        "--ip",
-        "127.0.0.1",
-        "--out",
-        a.dir.to_str().unwrap(),
-    ]);
+    let o = d.run(&["enroll", "web1", "--ip", "127.0.0.1", "--out", a.dir.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("already registered"), "{}", stderr(&o));
     let o = d.run(&[
@@ -208,14 +146,8 @@ fn enrolment_writes_a_ready_agent_and_registers_it() {
     assert!(o.status.success(), "{}", stderr(&o));
     // bad input never leaves a half-enrolled agent
     for (args, needle) in [
-        (
-            vec!["enroll", "bad/name", "--out", "x"],
-            "invalid agent name",
-        ),
-        (
-            vec!["enroll", "web2", "--ip", "not-an-ip", "--out", "x"],
-            "--ip must be",
-        ),
+        (vec!["enroll", "bad/name", "--out", "x"], "invalid agent name"),
+        (vec!["enroll", "web2", "--ip", "not-an-ip", "--out", "x"], "--ip must be"),
         (vec!["enroll", "web2"], "--out <dir> and/or --bundle"),
     ] {
         let o = d.run(&args);
@@ -229,28 +161,14 @@ fn enrolment_writes_a_ready_agent_and_registers_it() {
 fn a_bundle_carries_the_identity_over_a_text_channel() {
     let d = Dispatcher::new();
     let port = free_port();
-    let o = d.ok(&[
-        "enroll",
-        "router1",
-        "--ip",
-        "127.0.0.1",
-        "--agent-port",
-        &port.to_string(),
-        "--bundle",
-    ]);
+    let o = d.ok(&["enroll", "router1", "--ip", "127.0.0.1", "--agent-port", &port.to_string(), "--bundle"]);
     let text = stdout(&o);
-    assert!(
-        text.lines().all(|l| l.len() <= 76 && l.is_ascii()),
-        "console-safe lines"
-    );
+    assert!(text.lines().all(|l| l.len() <= 76 && l.is_ascii()), "console-safe lines");
     let dir = d.path().join("router1");
     let install = |input: &str, extra: &[&str]| {
         let mut c = Command::new(bin());
-        c.args(["agent", "install-bundle", "--dir", dir.to_str().unwrap()])
-            .args(extra);
-        c.stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
+        c.args(["agent", "install-bundle", "--dir", dir.to_str().unwrap()]).args(extra);
+        c.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
         let mut child = c.spawn().unwrap();
         std::io::Write::write_all(child.stdin.as_mut().unwrap(), input.as_bytes()).unwrap();
         drop(child.stdin.take());
@@ -258,38 +176,19 @@ fn a_bundle_carries_the_identity_over_a_text_channel() {
     };
     // a line lost in transit: nothing is installed
     let lines: Vec<&str> = text.lines().collect();
-    let damaged: String = lines
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != lines.len() / 2)
-        .map(|(_, l)| format!("{l}\n"))
-        .collect();
+    let damaged: String =
+        lines.iter().enumerate().filter(|(i, _)| *i != lines.len() / 2).map(|(_, l)| format!("{l}\n")).collect();
     let o = install(&damaged, &[]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("send it again"), "{}", stderr(&o));
-    assert!(
-        !dir.exists() || std::fs::read_dir(&dir).unwrap().count() == 0,
-        "a damaged bundle wrote files"
-    );
+    assert!(!dir.exists() || std::fs::read_dir(&dir).unwrap().count() == 0, "a damaged bundle wrote files");
     // console noise and CRLF line ends are fine; installing twice is fine
-    let noisy = format!(
-        "root@OpenWrt:~# cat > /tmp/b\r\n{}\r\nroot@OpenWrt:~# \r\n",
-        text.replace('\n', "\r\n")
-    );
+    let noisy = format!("root@OpenWrt:~# cat > /tmp/b\r\n{}\r\nroot@OpenWrt:~# \r\n", text.replace('\n', "\r\n"));
     let o = install(&noisy, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let o = install(&text, &[]);
-    assert!(
-        o.status.success() && stdout(&o).contains("unchanged"),
-        "{}",
-        stdout(&o)
-    );
-    let mut a = Agent {
-        dir: dir.clone(),
-        port,
-        name: "router1".into(),
-        child: None,
-    };
+    assert!(o.status.success() && stdout(&o).contains("unchanged"), "{}", stdout(&o));
+    let mut a = Agent { dir: dir.clone(), port, name: "router1".into(), child: None };
     std::fs::create_dir_all(dir.join("scripts")).unwrap();
     a.script("uptime", "#!/bin/sh\necho up\n", "");
     a.start();
@@ -306,40 +205,25 @@ fn malformed_configs_name_file_and_line_and_exit_78() {
     let d = Dispatcher::new();
     let a = d.enroll("web1");
     a.configure("port 7443");
-    let o = Command::new(bin())
-        .args(["agent", "serve", "--config", a.conf().to_str().unwrap()])
-        .output()
-        .unwrap();
+    let o = Command::new(bin()).args(["agent", "serve", "--config", a.conf().to_str().unwrap()]).output().unwrap();
     assert_eq!(o.status.code(), Some(78));
     let lines = std::fs::read_to_string(a.conf()).unwrap().lines().count();
     assert!(
-        stderr(&o).contains(&format!(
-            "{}:{lines}: malformed config line 'port 7443'",
-            a.conf().display()
-        )),
+        stderr(&o).contains(&format!("{}:{lines}: malformed config line 'port 7443'", a.conf().display())),
         "{}",
         stderr(&o)
     );
     // dispatcher side, with a bad value
     let bad = d.path().join("bad.conf");
     std::fs::write(&bad, "cert = a\nkey = b\nca = c\nmax_parallel = lots\n").unwrap();
-    let o = Command::new(bin())
-        .args(["run", "web1", "echo", "--config", bad.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let o = Command::new(bin()).args(["run", "web1", "echo", "--config", bad.to_str().unwrap()]).output().unwrap();
     assert_eq!(o.status.code(), Some(78));
     assert!(
-        stderr(&o).contains(&format!(
-            "{}:4: invalid value 'lots' for 'max_parallel'",
-            bad.display()
-        )),
+        stderr(&o).contains(&format!("{}:4: invalid value 'lots' for 'max_parallel'", bad.display())),
         "{}",
         stderr(&o)
     );
-    let o = Command::new(bin())
-        .args(["ping", "x", "--config", "/nonexistent.conf"])
-        .output()
-        .unwrap();
+    let o = Command::new(bin()).args(["ping", "x", "--config", "/nonexistent.conf"]).output().unwrap();
     assert_eq!(o.status.code(), Some(78));
     assert!(stderr(&o).contains("/nonexistent.conf"));
 }
@@ -348,42 +232,16 @@ fn malformed_configs_name_file_and_line_and_exit_78() {
 fn an_unpaired_agent_says_how_to_pair_and_exits_78() {
     let d = tempfile::tempdir().unwrap();
     let conf = d.path().join("agent.conf");
-    std::fs::write(
-        &conf,
-        "port = 7443\ncert = agent.crt\nkey = agent.key\nca = ca.crt\n",
-    )
-    .unwrap();
-    let o = Command::new(bin())
-        .args(["agent", "serve", "--config", conf.to_str().unwrap()])
-        .output()
-        .unwrap();
+    std::fs::write(&conf, "port = 7443\ncert = agent.crt\nkey = agent.key\nca = ca.crt\n").unwrap();
+    let o = Command::new(bin()).args(["agent", "serve", "--config", conf.to_str().unwrap()]).output().unwrap();
     assert_eq!(o.status.code(), Some(78));
-    assert!(
-        stderr(&o).contains("not paired yet") && stderr(&o).contains("install-bundle"),
-        "{}",
-        stderr(&o)
-    );
-    let o = Command::new(bin())
-        .args(["agent", "paired", "--config", conf.to_str().unwrap()])
-        .output()
-        .unwrap();
+    assert!(stderr(&o).contains("not paired yet") && stderr(&o).contains("install-bundle"), "{}", stderr(&o));
+    let o = Command::new(bin()).args(["agent", "paired", "--config", conf.to_str().unwrap()]).output().unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(o.stdout.is_empty());
-    let o = Command::new(bin())
-        .args([
-            "agent",
-            "pairing-status",
-            "--config",
-            conf.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let o = Command::new(bin()).args(["agent", "pairing-status", "--config", conf.to_str().unwrap()]).output().unwrap();
     assert_eq!(o.status.code(), Some(1));
-    assert!(
-        stdout(&o).starts_with("Not paired. Reason: missing file"),
-        "{}",
-        stdout(&o)
-    );
+    assert!(stdout(&o).starts_with("Not paired. Reason: missing file"), "{}", stdout(&o));
 }
 
 #[test]
@@ -391,34 +249,15 @@ fn self_check_passes_on_a_good_agent_and_fails_on_each_problem() {
     let d = Dispatcher::new();
     let a = d.enroll("web1");
     let script = a.script("ok", "#!/bin/sh\n", "");
-    let check = || {
-        Command::new(bin())
-            .args([
-                "agent",
-                "self-check",
-                "--config",
-                a.conf().to_str().unwrap(),
-            ])
-            .output()
-            .unwrap()
-    };
+    let check =
+        || Command::new(bin()).args(["agent", "self-check", "--config", a.conf().to_str().unwrap()]).output().unwrap();
     let o = check();
     assert!(o.status.success(), "{}", stdout(&o));
     assert!(stdout(&o).contains("all") && stdout(&o).contains("checks passed"));
-    let o = Command::new(bin())
-        .args([
-            "agent",
-            "pairing-status",
-            "--config",
-            a.conf().to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let o =
+        Command::new(bin()).args(["agent", "pairing-status", "--config", a.conf().to_str().unwrap()]).output().unwrap();
     assert!(o.status.success() && stdout(&o).starts_with("Paired. Certificate expires: "));
-    let o = Command::new(bin())
-        .args(["agent", "paired", "--config", a.conf().to_str().unwrap()])
-        .output()
-        .unwrap();
+    let o = Command::new(bin()).args(["agent", "paired", "--config", a.conf().to_str().unwrap()]).output().unwrap();
     assert!(o.status.success());
     // one problem at a time
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
@@ -429,9 +268,17 @@ fn self_check_passes_on_a_good_agent_and_fails_on_each_problem() {
     std::fs::write(a.dir.join("ctrl-exec-dispatchers"), "# empty\n").unwrap();
     let o = check();
     assert_eq!(o.status.code(), Some(1));
-    assert!(
-        stdout(&o).contains("none (every request will be refused)"),
-        "{}",
-        stdout(&o)
-    );
+    assert!(stdout(&o).contains("none (every request will be refused)"), "{}", stdout(&o));
+}
+
+#[test]
+fn arguments_that_are_not_utf8_are_refused_not_altered() {
+    use std::os::unix::ffi::OsStrExt;
+    let o = Command::new(bin())
+        .args(["run", "web1", "echo", "--"])
+        .arg(std::ffi::OsStr::from_bytes(b"caf\xe9"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("argument 5") && stderr(&o).contains("not valid UTF-8"), "{}", stderr(&o));
 }

@@ -18,11 +18,7 @@ pub fn bin() -> PathBuf {
 
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 pub fn write_exec(path: &Path, body: &str) {
@@ -76,10 +72,7 @@ impl Dispatcher {
     /// `ctrl-exec <args>` with this dispatcher's config in the environment.
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(bin());
-        c.args(args)
-            .env("CTRL_EXEC_CONFIG", &self.conf)
-            .env_remove("ENVEXEC_TOKEN")
-            .stdin(Stdio::null());
+        c.args(args).env("CTRL_EXEC_CONFIG", &self.conf).env_remove("ENVEXEC_TOKEN").stdin(Stdio::null());
         c
     }
 
@@ -90,12 +83,7 @@ impl Dispatcher {
     /// Run and insist on exit 0.
     pub fn ok(&self, args: &[&str]) -> Output {
         let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "ctrl-exec {args:?} failed: {}\n{}",
-            stdout(&o),
-            stderr(&o)
-        );
+        assert!(o.status.success(), "ctrl-exec {args:?} failed: {}\n{}", stdout(&o), stderr(&o));
         o
     }
 
@@ -114,22 +102,13 @@ impl Dispatcher {
             dir.to_str().unwrap(),
         ]);
         std::fs::create_dir_all(dir.join("scripts")).unwrap();
-        Agent {
-            dir,
-            port,
-            name: name.into(),
-            child: None,
-        }
+        Agent { dir, port, name: name.into(), child: None }
     }
 
     /// Enrol and start an agent with an `echo` script that prints its args.
     pub fn agent(&self, name: &str) -> Agent {
         let mut a = self.enroll(name);
-        a.script(
-            "echo",
-            "#!/bin/sh\nfor a in \"$@\"; do printf '[%s]' \"$a\"; done\necho\n",
-            "",
-        );
+        a.script("echo", "#!/bin/sh\nfor a in \"$@\"; do printf '[%s]' \"$a\"; done\necho\n", "");
         a.start();
         a
     }
@@ -158,10 +137,7 @@ impl Agent {
 
     /// Append lines to agent.conf.
     pub fn configure(&self, extra: &str) {
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(self.conf())
-            .unwrap();
+        let mut f = std::fs::OpenOptions::new().append(true).open(self.conf()).unwrap();
         writeln!(f, "{extra}").unwrap();
     }
 
@@ -169,10 +145,7 @@ impl Agent {
     pub fn script(&self, name: &str, body: &str, annotations: &str) -> PathBuf {
         let p = self.dir.join("scripts").join(format!("{name}.sh"));
         write_exec(&p, body);
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(self.dir.join("scripts.conf"))
-            .unwrap();
+        let mut f = std::fs::OpenOptions::new().append(true).open(self.dir.join("scripts.conf")).unwrap();
         writeln!(f, "{name} = {} {annotations}", p.display()).unwrap();
         p
     }
@@ -180,13 +153,7 @@ impl Agent {
     pub fn start(&mut self) {
         let log = std::fs::File::create(self.log_path()).unwrap();
         let child = Command::new(bin())
-            .args([
-                "agent",
-                "serve",
-                "--log-stderr",
-                "--config",
-                self.conf().to_str().unwrap(),
-            ])
+            .args(["agent", "serve", "--log-stderr", "--config", self.conf().to_str().unwrap()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -198,12 +165,7 @@ impl Agent {
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("agent {} exited with {st}: {}", self.name, self.log());
             }
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "agent {} did not start: {}",
-                self.name,
-                self.log()
-            );
+            assert!(t.elapsed() < Duration::from_secs(20), "agent {} did not start: {}", self.name, self.log());
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -225,11 +187,7 @@ impl Agent {
         self.signal(libc::SIGHUP);
         let t = Instant::now();
         while self.log().matches("ACTION=reload").count() == before {
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "no reload logged: {}",
-                self.log()
-            );
+            assert!(t.elapsed() < Duration::from_secs(10), "no reload logged: {}", self.log());
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -275,10 +233,8 @@ pub fn tls_client(
     let mut b = SslConnector::builder(SslMethod::tls_client()).unwrap();
     b.set_verify(SslVerifyMode::NONE);
     if let Some((cert, key)) = identity {
-        b.set_certificate_file(cert, openssl::ssl::SslFiletype::PEM)
-            .unwrap();
-        b.set_private_key_file(key, openssl::ssl::SslFiletype::PEM)
-            .unwrap();
+        b.set_certificate_file(cert, openssl::ssl::SslFiletype::PEM).unwrap();
+        b.set_private_key_file(key, openssl::ssl::SslFiletype::PEM).unwrap();
     }
     let _ = ca;
     let c = b.build();
@@ -292,11 +248,7 @@ pub fn tls_client(
 /// Send raw bytes as the dispatcher and return the whole reply (status line included).
 pub fn raw_exchange(d: &Dispatcher, port: u16, request: &[u8]) -> Result<String, String> {
     let p = d.path();
-    let mut s = tls_client(
-        port,
-        Some((&p.join("dispatcher.crt"), &p.join("dispatcher.key"))),
-        &p.join("ca.crt"),
-    )?;
+    let mut s = tls_client(port, Some((&p.join("dispatcher.crt"), &p.join("dispatcher.key"))), &p.join("ca.crt"))?;
     // TLS 1.3 reports a refused client certificate only at the first read.
     let _ = s.write_all(request);
     let mut out = Vec::new();
@@ -309,21 +261,15 @@ pub fn raw_exchange(d: &Dispatcher, port: u16, request: &[u8]) -> Result<String,
 
 /// Status code and JSON body of a raw reply.
 pub fn split_reply(reply: &str) -> (u16, String) {
-    let code = reply
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = reply
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
+    let code = reply.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = reply.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     (code, body)
 }
 
 /// `POST <path>` with a JSON body, as raw bytes.
 pub fn post(path: &str, body: &str) -> Vec<u8> {
-    format!("POST {path} HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).into_bytes()
+    format!("POST {path} HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+        .into_bytes()
 }
 
 /// Parse a JSON object with miniserde.
@@ -360,10 +306,6 @@ pub fn results(o: &miniserde::json::Object) -> Vec<miniserde::json::Object> {
 pub fn reqids(log: &str, action: &str) -> Vec<String> {
     log.lines()
         .filter(|l| l.contains(&format!(": ACTION={action} ")))
-        .filter_map(|l| {
-            l.split_whitespace()
-                .find_map(|w| w.strip_prefix("REQID="))
-                .map(String::from)
-        })
+        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("REQID=")).map(String::from))
         .collect()
 }
