@@ -393,7 +393,7 @@ async fn connection(tcp: Async<TcpStream>, addr: SocketAddr, tls: &SslContext, s
     let Some(mut s) = handshake(tcp, &addr, tls, state.config.request_timeout).await else {
         return;
     };
-    let peer = Peer::new(peer_ip(&addr), s.peer_serial_raw());
+    let peer = Peer::new(peer_ip(&addr), s.peer_serial_raw(), s.resumed());
     server::handle(&mut s, &peer, state, deadline).await;
     s.close(Duration::from_millis(500)).await;
 }

@@ -124,6 +124,7 @@ struct Dispatch {
     cfg: DispatcherConfig,
     ctx: openssl::ssl::SslContext,
     targets: Vec<Target>,
+    cache: Option<client::SessionCache>,
     username: String,
     token: String,
     reqid: String,
@@ -214,7 +215,11 @@ fn prepare(
     let targets = resolve(&Registry::new(&cfg.registry_dir), &typed, port)?;
     let ctx = ctrl_exec::tls::client_context(&cfg.cert, &cfg.key, &cfg.ca)
         .map_err(|e| Fail::new(format!("cannot load the dispatcher identity: {e}")))?;
-    Ok(Ok(Dispatch { cfg, ctx, targets, username, token, reqid }))
+    let cache = cfg
+        .tls_session_cache
+        .as_ref()
+        .and_then(|dir| std::fs::read(&cfg.cert).ok().and_then(|pem| client::SessionCache::open(dir, &pem)));
+    Ok(Ok(Dispatch { cfg, ctx, targets, cache, username, token, reqid }))
 }
 
 fn timeouts(cfg: &DispatcherConfig) -> Timeouts {
@@ -289,10 +294,10 @@ fn run(a: RunArgs, script_args: Vec<String>) -> AppResult {
         d.targets.iter(),
         d.cfg.max_parallel,
         |t| {
-            let (ctx, body) = (&d.ctx, &body);
+            let (ctx, body, cache) = (&d.ctx, &body, d.cache.as_ref());
             async move {
                 let start = Instant::now();
-                let r = client::call(ctx, t, "POST", "/run", Some(body), tmo).await;
+                let r = client::call(ctx, t, "POST", "/run", Some(body), tmo, cache).await;
                 (t, start.elapsed(), r)
             }
         },
@@ -424,10 +429,10 @@ fn ping(a: PingArgs) -> AppResult {
         d.targets.iter(),
         d.cfg.max_parallel,
         |t| {
-            let (ctx, body) = (&d.ctx, &body);
+            let (ctx, body, cache) = (&d.ctx, &body, d.cache.as_ref());
             async move {
                 let start = Instant::now();
-                let r = client::call(ctx, t, "POST", "/ping", Some(body), tmo).await;
+                let r = client::call(ctx, t, "POST", "/ping", Some(body), tmo, cache).await;
                 (t, start.elapsed(), r)
             }
         },

@@ -9,9 +9,10 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use openssl::ssl::SslContext;
+use openssl::ssl::{SslContext, SslSession};
 use smol::Async;
 
 use crate::http::{self, HttpError, Response};
@@ -114,15 +115,67 @@ async fn addresses(t: &Target) -> Result<Vec<SocketAddr>, CallError> {
     }
 }
 
-/// Connect and complete the mTLS handshake.
-pub async fn connect(ctx: &SslContext, t: &Target, timeout: Duration) -> Result<TlsStream, CallError> {
+/// Resumable TLS sessions kept between runs, so that a repeated call to the
+/// same agent skips both RSA signatures of a full handshake.
+///
+/// One small file per agent address, in a directory named after a hash of
+/// the dispatcher certificate (a new dispatcher identity never offers an old
+/// session). Files are 0600 in a 0700 directory: a session is worth as much
+/// as the dispatcher key for the ticket's lifetime (an hour at most). Losing
+/// or corrupting the cache only costs a full handshake, so writes skip fsync.
+#[derive(Debug, Clone)]
+pub struct SessionCache {
+    dir: PathBuf,
+}
+
+impl SessionCache {
+    /// The cache under `base` for the identity in `cert_pem`; `None` if the
+    /// directory cannot be created (runs then simply do full handshakes).
+    pub fn open(base: &Path, cert_pem: &[u8]) -> Option<SessionCache> {
+        let id = crate::wire::hex(&openssl::sha::sha256(cert_pem)[..8]);
+        let dir = base.join(id);
+        crate::fsutil::ensure_dir(&dir, 0o700).ok()?;
+        Some(SessionCache { dir })
+    }
+
+    fn file(&self, t: &Target) -> PathBuf {
+        let addr: String =
+            t.addr.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' }).collect();
+        self.dir.join(format!("{addr}_{}.der", t.port))
+    }
+
+    /// The saved session for `t`, if any.
+    pub fn load(&self, t: &Target) -> Option<SslSession> {
+        SslSession::from_der(&std::fs::read(self.file(t)).ok()?).ok()
+    }
+
+    /// Save a session for `t` (best effort).
+    pub fn store(&self, t: &Target, der: &[u8]) {
+        let _ = crate::fsutil::atomic_write_nosync(&self.file(t), der, 0o600);
+    }
+
+    /// Drop the session for `t`.
+    pub fn forget(&self, t: &Target) {
+        let _ = std::fs::remove_file(self.file(t));
+    }
+}
+
+/// Connect and complete the mTLS handshake, resuming a cached session when
+/// there is one.
+pub async fn connect(
+    ctx: &SslContext,
+    t: &Target,
+    timeout: Duration,
+    cache: Option<&SessionCache>,
+) -> Result<TlsStream, CallError> {
+    let session = cache.and_then(|c| c.load(t));
     let attempt = async {
         let mut last = CallError::Resolve;
         for addr in addresses(t).await? {
             match Async::<TcpStream>::connect(addr).await {
                 Ok(tcp) => {
                     let _ = tcp.get_ref().set_nodelay(true);
-                    return TlsStream::connect(ctx, tcp).await.map_err(|e| CallError::Tls(e.0));
+                    return TlsStream::connect(ctx, tcp, session.as_ref()).await.map_err(|e| CallError::Tls(e.0));
                 }
                 Err(e) => last = classify(&e),
             }
@@ -158,7 +211,7 @@ pub async fn exchange<C: http::Conn>(
     crate::time::timeout(read_timeout, work).await.unwrap_or(Err(CallError::ReadTimeout(read_timeout.as_secs())))
 }
 
-/// Connect, exchange, close.
+/// Connect, exchange, close; keep the agent's fresh ticket for next time.
 pub async fn call(
     ctx: &SslContext,
     t: &Target,
@@ -166,9 +219,24 @@ pub async fn call(
     path: &str,
     body: Option<&str>,
     timeouts: Timeouts,
+    cache: Option<&SessionCache>,
 ) -> Result<Response, CallError> {
-    let mut s = connect(ctx, t, timeouts.connect).await?;
+    let mut s = match connect(ctx, t, timeouts.connect, cache).await {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some(c) = cache {
+                c.forget(t);
+            }
+            return Err(e);
+        }
+    };
     let r = exchange(&mut s, &t.display(), method, path, body, timeouts.read).await;
+    if let (Some(c), Ok(_)) = (cache, &r) {
+        match s.resumable_session() {
+            Some(der) => c.store(t, &der),
+            None => c.forget(t),
+        }
+    }
     s.close(Duration::from_millis(0)).await;
     r
 }

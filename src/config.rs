@@ -425,6 +425,8 @@ pub struct DispatcherConfig {
     pub cert_days: u32,
     /// Key type for keys generated here.
     pub key_type: KeyType,
+    /// Where resumable TLS sessions are kept (`None`: always full handshakes).
+    pub tls_session_cache: Option<PathBuf>,
     /// Audit sink.
     pub log: LogTarget,
 }
@@ -446,12 +448,12 @@ impl DispatcherConfig {
             }
             None => crate::wire::sanitize_dispatcher_id(&host_name()),
         };
+        let registry_dir = raw.path_or("registry_dir", "/var/lib/ctrl-exec/agents");
         Ok(DispatcherConfig {
             cert: raw.req_path("cert")?,
             key: raw.req_path("key")?,
             ca: raw.req_path("ca")?,
             ca_dir: raw.path_or("ca_dir", "/etc/ctrl-exec"),
-            registry_dir: raw.path_or("registry_dir", "/var/lib/ctrl-exec/agents"),
             auth_hook: raw.opt_path("auth_hook"),
             auth_hook_timeout: raw.secs(&["auth_hook_timeout"], 10, 1, 3600)?,
             read_timeout: raw.secs(&["read_timeout", "timeout"], 60, 1, 86_400)?,
@@ -460,6 +462,12 @@ impl DispatcherConfig {
             dispatcher_id,
             cert_days: raw.num(&["cert_days"], 365, 1, 36_500)? as u32,
             key_type: raw.key_type()?,
+            tls_session_cache: match raw.get(&["tls_session_cache"]).map(|e| e.value.as_str()) {
+                Some("off" | "no" | "none" | "0") => None,
+                Some(v) if !v.is_empty() => Some(raw.resolve(v)),
+                _ => Some(registry_dir.parent().unwrap_or(Path::new("/var/lib/ctrl-exec")).join("tls-sessions")),
+            },
+            registry_dir,
             log: raw.log_target()?,
             path: raw.path,
         })

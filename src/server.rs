@@ -34,13 +34,21 @@ pub struct Peer {
     pub serial_raw: String,
     /// Canonical serial.
     pub serial: String,
+    /// The TLS session was resumed (the certificate was checked in an
+    /// earlier full handshake of the same ticket).
+    pub resumed: bool,
 }
 
 impl Peer {
-    /// Build from the address and the raw serial.
-    pub fn new(ip: IpAddr, serial_raw: String) -> Peer {
+    /// Build from the address, the raw serial and how the session started.
+    pub fn new(ip: IpAddr, serial_raw: String, resumed: bool) -> Peer {
         let serial = crate::wire::canonical_serial(&serial_raw).unwrap_or_default();
-        Peer { ip, serial_raw, serial }
+        Peer { ip, serial_raw, serial, resumed }
+    }
+
+    /// `full` or `resumed`, for the audit trail.
+    pub fn tls(&self) -> &'static str {
+        if self.resumed { "resumed" } else { "full" }
     }
 }
 
@@ -248,6 +256,7 @@ async fn run(req: &http::Request, peer: &Peer, state: &AgentState) -> Reply {
         ("REQID", reqid.as_str()),
         ("USER", user),
         ("ARGS", args_json.as_str()),
+        ("TLS", peer.tls()),
     ];
     if out.timed_out {
         fields.push(("TIMEOUT", "killed"));
@@ -279,7 +288,10 @@ fn ping(req: &http::Request, peer: &Peer, state: &AgentState) -> Reply {
         Ok(d) => d,
         Err(r) => return r,
     };
-    audit::info("ping", &[("PEER", &peer.ip.to_string()), ("DISPATCHER", dispatcher), ("REQID", &reqid)]);
+    audit::info(
+        "ping",
+        &[("PEER", &peer.ip.to_string()), ("DISPATCHER", dispatcher), ("REQID", &reqid), ("TLS", peer.tls())],
+    );
     let staged = state.config.cert_staging_path.exists();
     reply(
         200,

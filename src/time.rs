@@ -73,7 +73,7 @@ pub fn parse_openssl_date(s: &str) -> Option<i64> {
 
 /// Local wall-clock time as `Mmm dd hh:mm:ss` (the RFC 3164 timestamp).
 pub fn syslog_stamp() -> String {
-    let t = unix_now() as libc::time_t;
+    let t = unix_now() as _;
     // SAFETY: localtime_r only writes into the tm we pass; a zeroed tm is valid.
     let mut tm: libc::tm = unsafe { std::mem::zeroed() };
     let ok = unsafe { !libc::localtime_r(&t, &mut tm).is_null() };

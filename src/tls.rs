@@ -25,7 +25,8 @@ use std::net::{Shutdown, TcpStream};
 use std::path::Path;
 
 use openssl::ssl::{
-    ErrorCode, Ssl, SslContext, SslContextBuilder, SslMethod, SslMode, SslOptions, SslStream, SslVerifyMode, SslVersion,
+    ErrorCode, Ssl, SslContext, SslContextBuilder, SslMethod, SslMode, SslOptions, SslSession, SslSessionCacheMode,
+    SslStream, SslVerifyMode, SslVersion,
 };
 use openssl::x509::X509;
 use smol::Async;
@@ -86,9 +87,16 @@ fn policy(method: SslMethod) -> Result<SslContextBuilder, TlsError> {
             | SslOptions::IGNORE_UNEXPECTED_EOF,
     );
     b.set_mode(SslMode::ENABLE_PARTIAL_WRITE | SslMode::ACCEPT_MOVING_WRITE_BUFFER | SslMode::RELEASE_BUFFERS);
-    // One request per connection: nobody resumes, so do not mint tickets.
-    b.set_num_tickets(0).map_err(e)?;
     Ok(b)
+}
+
+/// How long a resumption ticket issued by an agent stays valid.
+pub const TICKET_LIFETIME_SECS: i64 = 3600;
+
+unsafe extern "C" {
+    // Plain functions of every OpenSSL 1.1.1+/3.x libssl the crate does not wrap.
+    fn SSL_CTX_set_timeout(ctx: *mut std::ffi::c_void, t: std::ffi::c_long) -> std::ffi::c_long;
+    fn SSL_SESSION_is_resumable(s: *const std::ffi::c_void) -> std::ffi::c_int;
 }
 
 /// Context for an mTLS server (the agent): our cert, client cert required
@@ -101,6 +109,18 @@ pub fn server_context(cert: &Path, key: &Path, ca: &Path) -> Result<SslContext, 
     if let Ok(c) = X509::from_pem(&std::fs::read(ca).unwrap_or_default()) {
         let _ = b.add_client_ca(&c);
     }
+    // Resumption: one stateless ticket per handshake, sealed with keys that
+    // live only in this context (a restart or SIGHUP reload voids them all),
+    // valid for TICKET_LIFETIME_SECS. The ticket carries the client
+    // certificate of the full handshake, so the serial gate and the
+    // revocation list apply to resumed connections exactly as to new ones.
+    // No server-side cache: nothing grows with the number of clients.
+    b.set_num_tickets(1).map_err(|e| TlsError(format!("TLS setup: {e}")))?;
+    b.set_session_cache_mode(SslSessionCacheMode::OFF);
+    // SAFETY: the builder owns a live SSL_CTX; the call only sets a number.
+    unsafe {
+        SSL_CTX_set_timeout(b.as_ptr().cast(), TICKET_LIFETIME_SECS as std::ffi::c_long);
+    }
     Ok(b.build())
 }
 
@@ -110,6 +130,7 @@ pub fn client_context(cert: &Path, key: &Path, ca: &Path) -> Result<SslContext, 
     let mut b = policy(SslMethod::tls_client())?;
     load_identity(&mut b, cert, key, ca)?;
     b.set_verify(SslVerifyMode::PEER);
+    b.set_session_cache_mode(SslSessionCacheMode::CLIENT | SslSessionCacheMode::NO_INTERNAL);
     Ok(b.build())
 }
 
@@ -197,8 +218,20 @@ impl TlsStream {
         }
     }
 
-    async fn handshake(ctx: &SslContext, tcp: Async<TcpStream>, server: bool) -> Result<TlsStream, TlsError> {
-        let ssl = Ssl::new(ctx).map_err(|e| TlsError(format!("TLS setup: {e}")))?;
+    async fn handshake(
+        ctx: &SslContext,
+        tcp: Async<TcpStream>,
+        server: bool,
+        resume: Option<&SslSession>,
+    ) -> Result<TlsStream, TlsError> {
+        let mut ssl = Ssl::new(ctx).map_err(|e| TlsError(format!("TLS setup: {e}")))?;
+        if let Some(session) = resume {
+            // SAFETY: the session was serialised by a connection of a context
+            // built by client_context() with the same identity (the cache is
+            // keyed by our certificate); OpenSSL falls back to a full
+            // handshake if the agent rejects it.
+            unsafe { ssl.set_session(session) }.map_err(|e| TlsError(format!("TLS setup: {e}")))?;
+        }
         let mut s = SslStream::new(ssl, Io(tcp)).map_err(|e| TlsError(format!("TLS setup: {e}")))?;
         let r =
             if server { Self::drive(&mut s, |s| s.accept()).await } else { Self::drive(&mut s, |s| s.connect()).await };
@@ -219,12 +252,31 @@ impl TlsStream {
 
     /// Server side of the handshake.
     pub async fn accept(ctx: &SslContext, tcp: Async<TcpStream>) -> Result<TlsStream, TlsError> {
-        Self::handshake(ctx, tcp, true).await
+        Self::handshake(ctx, tcp, true, None).await
     }
 
-    /// Client side of the handshake.
-    pub async fn connect(ctx: &SslContext, tcp: Async<TcpStream>) -> Result<TlsStream, TlsError> {
-        Self::handshake(ctx, tcp, false).await
+    /// Client side of the handshake, offering `resume` if given.
+    pub async fn connect(
+        ctx: &SslContext,
+        tcp: Async<TcpStream>,
+        resume: Option<&SslSession>,
+    ) -> Result<TlsStream, TlsError> {
+        Self::handshake(ctx, tcp, false, resume).await
+    }
+
+    /// Did this connection resume an earlier session?
+    pub fn resumed(&self) -> bool {
+        self.s.ssl().session_reused()
+    }
+
+    /// The session to offer next time, as DER, once the peer sent a ticket
+    /// (TLS 1.3 tickets arrive after the handshake: call this after reading).
+    pub fn resumable_session(&self) -> Option<Vec<u8>> {
+        use foreign_types::ForeignTypeRef;
+        let session = self.s.ssl().session()?;
+        // SAFETY: a live SSL_SESSION owned by this connection; read only.
+        let ok = unsafe { SSL_SESSION_is_resumable(session.as_ptr().cast()) } == 1;
+        if ok { session.to_der().ok() } else { None }
     }
 
     /// Read some bytes; `Ok(0)` at end of stream.

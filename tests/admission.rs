@@ -184,3 +184,19 @@ fn an_agent_that_distrusts_our_ca_reports_a_trust_mismatch() {
     let e = jstr(&results(&json(&stdout(&o)))[0], "error");
     assert!(e.starts_with("TLS handshake with 'web1' failed - certificate or trust mismatch"), "{e}");
 }
+
+#[test]
+fn a_cached_session_is_never_offered_by_another_identity() {
+    let d = Dispatcher::new();
+    let a = d.agent("web1");
+    d.ok(&["run", "web1", "echo"]);
+    d.ok(&["run", "web1", "echo"]); // a resumable session is now cached for the trusted identity
+    assert!(a.log().contains("TLS=resumed"));
+    let other = second_identity(&d);
+    let o = std::process::Command::new(bin())
+        .args(["run", "--json", "web1", "echo"])
+        .env("CTRL_EXEC_CONFIG", &other)
+        .output()
+        .unwrap();
+    assert_eq!(jstr(&results(&json(&stdout(&o)))[0], "error"), "forbidden: serial mismatch");
+}

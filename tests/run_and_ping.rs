@@ -266,3 +266,52 @@ fn list_agents_shows_the_registry() {
     assert_eq!(stdout(&o).trim(), "No agents match the tag filter.");
     assert_eq!(d.run(&["list-agents", "--tags", "novalue"]).status.code(), Some(2));
 }
+
+#[test]
+fn repeated_runs_resume_the_tls_session_and_keep_every_check() {
+    let d = Dispatcher::new();
+    let a = d.agent("web1");
+    let tls_of = |a: &Agent| -> Vec<String> {
+        a.log()
+            .lines()
+            .filter(|l| l.contains(": ACTION=run "))
+            .map(|l| {
+                assert!(l.contains("DISPATCHER=test-dispatcher"), "the serial gate ran: {l}");
+                l.split_whitespace().find_map(|w| w.strip_prefix("TLS=")).unwrap_or("?").to_string()
+            })
+            .collect()
+    };
+    d.ok(&["run", "web1", "echo"]);
+    d.ok(&["run", "web1", "echo"]);
+    d.ok(&["run", "web1", "echo"]);
+    assert_eq!(tls_of(&a), ["full", "resumed", "resumed"]);
+    // one private file per agent, in a private directory per dispatcher identity
+    let dirs: Vec<_> = std::fs::read_dir(d.path().join("tls-sessions")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(dirs.len(), 1);
+    let mode = |p: &std::path::Path| {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions()) & 0o777
+    };
+    assert_eq!(mode(&dirs[0]), 0o700);
+    let files: Vec<_> = std::fs::read_dir(&dirs[0]).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 1);
+    assert_eq!(mode(&files[0]), 0o600);
+    // a reload voids every ticket: the next run authenticates in full again
+    a.reload();
+    d.ok(&["run", "web1", "echo"]);
+    d.ok(&["run", "web1", "echo"]);
+    assert_eq!(tls_of(&a), ["full", "resumed", "resumed", "full", "resumed"]);
+    // a corrupt cache file costs a full handshake, nothing more
+    std::fs::write(&files[0], b"garbage").unwrap();
+    d.ok(&["run", "web1", "echo"]);
+    assert_eq!(tls_of(&a).last().map(String::as_str), Some("full"));
+}
+
+#[test]
+fn the_session_cache_can_be_turned_off() {
+    let d = Dispatcher::with_config("tls_session_cache = off");
+    let a = d.agent("web1");
+    d.ok(&["run", "web1", "echo"]);
+    d.ok(&["run", "web1", "echo"]);
+    assert_eq!(a.log().matches("TLS=full").count(), 2, "{}", a.log());
+    assert!(!d.path().join("tls-sessions").exists());
+}

@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# `make bench`: figures for the foundation's performance targets, measured on
+# loopback with the release binary and RSA-4096 certificates (upstream's key
+# size). Prints, does not judge: compare with the targets in the issues.
+#   - idle agent RSS (KiB), at start and after the latency runs
+#   - median and p95 wall time of `ctrl-exec run` of a trivial script over N runs
+#   - wall time of one `run` fanned out to 100 agents
+#   - binary size (and gzip -9)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-200}
+FANOUT=${FANOUT:-100}
+
+# The shipping form is a static musl binary; fall back to the host (glibc)
+# build when the musl target or musl-gcc is not installed.
+if rustup target list --installed 2>/dev/null | grep -q x86_64-unknown-linux-musl && command -v musl-gcc >/dev/null; then
+    cargo build --release --quiet --target x86_64-unknown-linux-musl
+    BIN="$PWD/target/x86_64-unknown-linux-musl/release/ctrl-exec"
+else
+    echo "note: x86_64-unknown-linux-musl or musl-gcc missing; measuring the glibc build" >&2
+    cargo build --release --quiet
+    BIN="$PWD/target/release/ctrl-exec"
+fi
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/ctrl-exec-bench.XXXXXX")
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() {
+    local p
+    while :; do
+        p=$((20000 + RANDOM % 40000))
+        (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }
+    done
+}
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+rss_split() { awk '/^RssAnon/ {a=$2} /^RssFile/ {f=$2} /^RssShmem/ {s=$2} END {printf "anon %d + file %d KiB", a, f+s}' "/proc/$1/status"; }
+# time N runs of a command -> file of seconds
+timeit() { # n out cmd...
+    local n=$1 out=$2; shift 2
+    : > "$out"
+    for _ in $(seq "$n"); do
+        local s=$EPOCHREALTIME
+        "$@" >/dev/null 2>&1
+        local e=$EPOCHREALTIME
+        echo "$e - $s" | awk '{print $1 - $3}' >> "$out"
+    done
+}
+# median and p95 of numbers on stdin (seconds) -> "median p95" in ms
+stats() { sort -g | awk '{a[NR]=$1} END {m=a[int((NR+1)/2)]; p=a[int(NR*0.95+0.999)]; printf "%.1f %.1f\n", m*1000, p*1000}'; }
+
+export CTRL_EXEC_CONFIG="$WORK/disp/ctrl-exec.conf"
+mkdir -p "$WORK/disp" "$WORK/scripts"
+cat > "$CTRL_EXEC_CONFIG" <<CONF
+cert = dispatcher.crt
+key = dispatcher.key
+ca = ca.crt
+ca_dir = .
+registry_dir = agents
+dispatcher_id = bench
+log = stderr
+CONF
+"$BIN" setup-ca >/dev/null 2>&1
+"$BIN" setup-ctrl-exec >/dev/null 2>&1
+printf '#!/bin/sh\necho ok\n' > "$WORK/scripts/trivial.sh"
+chmod 755 "$WORK/scripts/trivial.sh"
+
+# One enrolled identity, cloned for the fan-out agents (they may share a
+# certificate: the dispatcher trusts the CA, not a name), so the bench does not
+# spend minutes generating 100 RSA-4096 keys.
+PORT=$(free_port)
+"$BIN" enroll b000 --ip 127.0.0.1 --agent-port "$PORT" --bind 127.0.0.1 --out "$WORK/a/b000" >/dev/null 2>&1
+echo "trivial = $WORK/scripts/trivial.sh" >> "$WORK/a/b000/scripts.conf"
+echo "log = syslog" >> "$WORK/a/b000/agent.conf"
+echo "syslog_socket = $WORK/no-syslog-here" >> "$WORK/a/b000/agent.conf"
+
+start_agent() { # dir
+    "$BIN" agent serve --config "$1/agent.conf" 2>>"$WORK/agents.log" &
+    PIDS+=($!)
+}
+wait_port() { # port
+    for _ in $(seq 400); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.025; done
+    echo "agent on port $1 did not start" >&2; cat "$WORK/agents.log" >&2; exit 1
+}
+
+start_agent "$WORK/a/b000"
+AGENT=${PIDS[0]}
+wait_port "$PORT"
+sleep 1
+RSS_IDLE=$(rss_kib "$AGENT")
+
+"$BIN" run b000 trivial >/dev/null 2>&1 # warm the page cache
+RSS_SPLIT=$(rss_split "$AGENT")
+# Full handshakes (both RSA-4096 signatures every time): session cache off.
+CONF_FULL="$WORK/disp/full.conf"
+{ cat "$CTRL_EXEC_CONFIG"; echo "tls_session_cache = off"; } > "$CONF_FULL"
+timeit "$RUNS" "$WORK/lat-full" env CTRL_EXEC_CONFIG="$CONF_FULL" "$BIN" run b000 trivial
+read -r FULL_MED FULL_P95 < <(stats < "$WORK/lat-full")
+# Default: the dispatcher resumes its TLS session with the agent.
+timeit "$RUNS" "$WORK/lat" "$BIN" run b000 trivial
+read -r RUN_MED RUN_P95 < <(stats < "$WORK/lat")
+timeit 50 "$WORK/plat" "$BIN" ping b000
+read -r PING_MED PING_P95 < <(stats < "$WORK/plat")
+sleep 1
+RSS_AFTER=$(rss_kib "$AGENT")
+
+# Fan-out: clone the agent FANOUT-1 times on new ports and register each.
+NAMES=(b000)
+for i in $(seq 1 $((FANOUT - 1))); do
+    n=$(printf 'b%03d' "$i")
+    p=$(free_port)
+    cp -r "$WORK/a/b000" "$WORK/a/$n"
+    sed -i "s/^port = .*/port = $p/" "$WORK/a/$n/agent.conf"
+    sed -e "s/\"hostname\":\"b000\"/\"hostname\":\"$n\"/" -e "s/\"port\":$PORT/\"port\":$p/" \
+        "$WORK/disp/agents/b000.json" > "$WORK/disp/agents/$n.json"
+    start_agent "$WORK/a/$n"
+    NAMES+=("$n")
+    echo "$p" >> "$WORK/ports"
+done
+while read -r p; do wait_port "$p"; done < "$WORK/ports"
+timeit 5 "$WORK/fan-full" env CTRL_EXEC_CONFIG="$CONF_FULL" "$BIN" run "${NAMES[@]}" trivial
+"$BIN" run "${NAMES[@]}" trivial >/dev/null 2>&1 || { echo "fan-out run failed" >&2; "$BIN" run "${NAMES[@]}" trivial | grep -v OK | head >&2; exit 1; }
+timeit 5 "$WORK/fan" "$BIN" run "${NAMES[@]}" trivial
+read -r FANF_MED _ < <(stats < "$WORK/fan-full")
+read -r FAN_MED _ < <(stats < "$WORK/fan")
+CLI_RSS="n/a"
+if [ -x /usr/bin/time ]; then
+    /usr/bin/time -f '%M' -o "$WORK/cli-rss" env CTRL_EXEC_CONFIG="$CONF_FULL" "$BIN" run "${NAMES[@]}" trivial >/dev/null 2>&1 || true
+    CLI_RSS=$(tail -1 "$WORK/cli-rss")
+fi
+AGENTS_RSS=0
+for p in "${PIDS[@]}"; do AGENTS_RSS=$((AGENTS_RSS + $(rss_kib "$p"))); done
+
+SIZE=$(stat -c %s "$BIN")
+GZ=$(gzip -9 -c "$BIN" | wc -c)
+cat <<REPORT
+
+ctrl-exec $("$BIN" --version | cut -d' ' -f2) bench: $(nproc) cores, $(uname -m), RSA-4096 keys, loopback
+binary: $BIN
+        ($(file -b "$BIN" | cut -d, -f1,2,5 | sed 's/  */ /g'))
+
+  idle agent RSS at start                 ${RSS_IDLE} KiB   (target <= 3072 KiB)
+  idle agent RSS after $((2 * RUNS + 51)) requests        ${RSS_AFTER} KiB   (after one request: ${RSS_SPLIT})
+  run, full TLS handshake, ${RUNS} runs     median ${FULL_MED} ms, p95 ${FULL_P95} ms   (target median <= 20 ms)
+  run, resumed TLS session, ${RUNS} runs    median ${RUN_MED} ms, p95 ${RUN_P95} ms   (the default for repeat calls)
+  ping, resumed, 50 runs                  median ${PING_MED} ms, p95 ${PING_P95} ms
+  one run to ${FANOUT} agents, full handshakes median ${FANF_MED} ms of 5   (target <= 2000 ms)
+  one run to ${FANOUT} agents, resumed        median ${FAN_MED} ms of 5
+  CLI max RSS for that fan-out            ${CLI_RSS} KiB
+  ${FANOUT} agents' RSS together               $((AGENTS_RSS / 1024)) MiB
+  binary size                             ${SIZE} bytes (gzip -9: ${GZ} bytes)
+REPORT
