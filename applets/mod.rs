@@ -27,6 +27,8 @@ pub struct Role {
     pub summary: &'static str,
     /// Entry point: `(program name as invoked, arguments after it)`.
     pub main: fn(&str, &[String]) -> AppResult,
+    /// Part of this build (`--install-links` skips the others).
+    pub built: bool,
 }
 
 /// Every role. The first one is the default.
@@ -37,6 +39,7 @@ pub const ROLES: &[Role] = &[
         sub: "",
         summary: "operator CLI: run, ping, list-agents",
         main: cli::main,
+        built: true,
     },
     Role {
         name: "ctrl-exec-agent",
@@ -44,6 +47,15 @@ pub const ROLES: &[Role] = &[
         sub: "agent",
         summary: "the mTLS agent on each managed host: serve, self-check, install-bundle",
         main: agent::main,
+        built: true,
+    },
+    Role {
+        name: "ctrl-exec-server",
+        aliases: &["ctrl-exec-api"],
+        sub: "server",
+        summary: "HTTP API for tools and AI agents (not in this version yet)",
+        main: unavailable,
+        built: false,
     },
     Role {
         name: "ctrl-exec-ca",
@@ -51,11 +63,24 @@ pub const ROLES: &[Role] = &[
         sub: "ca",
         summary: "the private CA: setup-ca, setup-ctrl-exec, enroll",
         main: ca::main,
+        built: true,
     },
 ];
 
 /// CLI verbs served by the CA role.
 const CA_VERBS: &[&str] = &["setup-ca", "setup-ctrl-exec", "enroll"];
+
+/// Exit status for a role this build does not provide (EX_UNAVAILABLE).
+const EXIT_UNAVAILABLE: u8 = 69;
+
+/// Entry point of a role that is named in the table but not built yet: it
+/// says so plainly instead of being mistaken for the CLI.
+fn unavailable(invoked: &str, _args: &[String]) -> AppResult {
+    Err(ctrl_exec::error::Fail {
+        code: EXIT_UNAVAILABLE,
+        msg: format!("'{invoked}' (the HTTP API server) is not available in ctrl-exec {}", ctrl_exec::VERSION),
+    })
+}
 
 fn basename(p: &str) -> &str {
     p.rsplit('/').next().unwrap_or(p)
@@ -97,7 +122,7 @@ fn install_links(dir: &str) -> u8 {
         }
     };
     let mut code = EXIT_OK;
-    for r in ROLES.iter().skip(1) {
+    for r in ROLES.iter().skip(1).filter(|r| r.built) {
         let link = std::path::Path::new(dir).join(r.name);
         let _ = std::fs::remove_file(&link);
         match std::os::unix::fs::symlink(&exe, &link) {
@@ -147,7 +172,8 @@ pub fn dispatch(argv: Vec<String>) -> u8 {
                 };
             }
             Some(v) if CA_VERBS.contains(&v) => {
-                return finish(&invoked, (ROLES[2].main)(&invoked, rest));
+                let ca = ROLES.iter().find(|r| r.sub == "ca").expect("the CA role is in the table");
+                return finish(&invoked, (ca.main)(&invoked, rest));
             }
             _ => {}
         }

@@ -180,20 +180,18 @@ async fn run(req: &http::Request, peer: &Peer, state: &AgentState) -> Reply {
         bad("NUL byte in an argument");
         return refuse("arguments must not contain NUL bytes");
     }
+    // `REFUSAL` for the allowlist's verdict, `REASON` for the hook's (upstream's key).
+    let log_deny = |key: &str, why: &str| {
+        audit::warn(
+            "deny",
+            &[("SCRIPT", &script), ("PEER", &peer_ip), ("REQID", &reqid), ("DISPATCHER", dispatcher), (key, why)],
+        );
+    };
     let dirs = &state.config.script_dirs;
     let entry = match state.allowlist.resolve(&script, dirs) {
         Ok(e) => e,
         Err(why) => {
-            audit::warn(
-                "deny",
-                &[
-                    ("SCRIPT", &script),
-                    ("PEER", &peer_ip),
-                    ("REQID", &reqid),
-                    ("DISPATCHER", dispatcher),
-                    ("REFUSAL", why.reason()),
-                ],
-            );
+            log_deny("REFUSAL", why.reason());
             return refuse("script not permitted");
         }
     };
@@ -214,16 +212,7 @@ async fn run(req: &http::Request, peer: &Peer, state: &AgentState) -> Reply {
         hook::authorize(state.config.auth_hook.as_deref(), state.config.auth_hook_timeout, &ctx, NoHook::AgentPass)
             .await
     {
-        audit::warn(
-            "deny",
-            &[
-                ("SCRIPT", &script),
-                ("PEER", &peer_ip),
-                ("REQID", &reqid),
-                ("DISPATCHER", dispatcher),
-                ("REASON", &reason),
-            ],
-        );
+        log_deny("REASON", &reason);
         return refuse(&format!("not authorised: {reason}"));
     }
     let stdin = Obj::new()

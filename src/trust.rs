@@ -40,6 +40,19 @@ fn content(line: &str) -> &str {
     line.split('#').next().unwrap_or("").trim()
 }
 
+/// One map line: `Some(Ok(entry))`, `Some(Err(text))` for a bad line, `None` for nothing.
+fn map_line(line: &str) -> Option<Result<(String, String), &str>> {
+    let l = content(line);
+    if l.is_empty() {
+        return None;
+    }
+    let mut it = l.split_whitespace();
+    Some(match (it.next().and_then(canonical_serial), it.next()) {
+        (Some(serial), Some(id)) if valid_dispatcher_id(id) => Ok((serial, id.to_string())),
+        _ => Err(l),
+    })
+}
+
 impl TrustedMap {
     /// Read the map; unreadable (not missing) files are an error.
     pub fn load(path: &Path) -> io::Result<Loaded<TrustedMap>> {
@@ -49,21 +62,16 @@ impl TrustedMap {
         let mut map = BTreeMap::new();
         let mut warnings = Vec::new();
         for (i, line) in text.lines().enumerate() {
-            let l = content(line);
-            if l.is_empty() {
-                continue;
-            }
-            let mut it = l.split_whitespace();
-            match (it.next().and_then(canonical_serial), it.next()) {
-                (Some(serial), Some(id)) if valid_dispatcher_id(id) => {
-                    map.insert(serial, id.to_string());
+            match map_line(line) {
+                Some(Ok((serial, id))) => {
+                    map.insert(serial, id);
                 }
-                _ => warnings.push(format!(
-                    "{}:{}: skipped '{}' (expected '<hex serial> <dispatcher-id>')",
+                Some(Err(l)) => warnings.push(format!(
+                    "{}:{}: skipped '{l}' (expected '<hex serial> <dispatcher-id>')",
                     path.display(),
-                    i + 1,
-                    l
+                    i + 1
                 )),
+                None => {}
             }
         }
         Ok(Loaded { value: TrustedMap(map), present: true, warnings })
@@ -71,16 +79,7 @@ impl TrustedMap {
 
     /// Parse map text, skipping bad lines.
     pub fn parse(text: &str) -> TrustedMap {
-        let mut map = BTreeMap::new();
-        for line in text.lines() {
-            let mut it = content(line).split_whitespace();
-            if let (Some(serial), Some(id)) = (it.next().and_then(canonical_serial), it.next())
-                && valid_dispatcher_id(id)
-            {
-                map.insert(serial, id.to_string());
-            }
-        }
-        TrustedMap(map)
+        TrustedMap(text.lines().filter_map(map_line).filter_map(Result::ok).collect())
     }
 
     /// The dispatcher id for a (canonical) serial.

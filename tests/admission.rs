@@ -155,11 +155,7 @@ fn connections_over_max_children_get_503() {
     a.configure("max_children = 1");
     a.start();
     let holder = d.cmd(&["run", "web1", "hold"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
-    let t = std::time::Instant::now();
-    while !started.exists() {
-        assert!(t.elapsed() < Duration::from_secs(10));
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_file(&started);
     let o = d.run(&["ping", "--json", "web1"]);
     assert_eq!(o.status.code(), Some(1));
     let e = jstr(&results(&json(&stdout(&o)))[0], "error");

@@ -62,11 +62,7 @@ fn sighup_reloads_the_allowlist_without_touching_a_running_script() {
     write_exec(&newer, "#!/bin/sh\necho newer\n");
     a.start();
     let slow = d.cmd(&["run", "--json", "web1", "slow"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
-    let t = Instant::now();
-    while !started.exists() {
-        assert!(t.elapsed() < Duration::from_secs(10));
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_file(&started);
     // Replace the allowlist while `slow` runs: drop it, add `newer`.
     std::fs::write(a.dir.join("scripts.conf"), format!("newer = {}\n", newer.display())).unwrap();
     a.reload();
@@ -98,11 +94,7 @@ fn sigterm_lets_running_scripts_finish() {
     a.script("slow", &format!("#!/bin/sh\ntouch {}\nsleep 1\necho done\n", started.display()), "");
     a.start();
     let slow = d.cmd(&["run", "--json", "web1", "slow"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
-    let t = Instant::now();
-    while !started.exists() {
-        assert!(t.elapsed() < Duration::from_secs(10));
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_file(&started);
     let status = a.stop();
     assert!(status.success(), "{status}");
     let out = slow.wait_with_output().unwrap();

@@ -34,6 +34,15 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// Wait (at most 10 s) until `path` exists, e.g. a marker a script touches.
+pub fn wait_file(path: &Path) {
+    let t = Instant::now();
+    while !path.exists() {
+        assert!(t.elapsed() < Duration::from_secs(10), "{} never appeared", path.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// A dispatcher with its own CA in a temp dir.
 pub struct Dispatcher {
     pub dir: tempfile::TempDir,
