@@ -141,10 +141,40 @@ fn load_config(flag: &Option<String>) -> Result<AgentConfig, Fail> {
 struct Snapshot {
     state: Rc<AgentState>,
     tls: Rc<SslContext>,
+    /// When `tls` (and so its ticket keys) was made.
+    tls_since: Instant,
+    /// What loading noticed, logged once the snapshot is taken into use.
+    notes: Vec<(&'static str, String)>,
 }
 
-fn config_warn(entry: &str, msg: &str) {
-    audit::warn("config-warn", &[("ENTRY", entry), ("MSG", msg)]);
+impl Snapshot {
+    /// Log what loading noticed (only for a snapshot that is used, so a
+    /// failed reload does not leave warnings about files it never adopted).
+    fn announce(&self) {
+        for (entry, msg) in &self.notes {
+            if *entry == "revoked-serials-absent" {
+                audit::info(
+                    "revoked-serials-absent",
+                    &[("PATH", msg), ("REASON", "file not found; nothing is revoked")],
+                );
+            } else {
+                audit::warn("config-warn", &[("ENTRY", entry), ("MSG", msg)]);
+            }
+        }
+    }
+
+    /// Replace the TLS context, which voids every resumption ticket it issued.
+    /// Done every `tls_ticket_lifetime`, so no chain of resumed sessions
+    /// outlives an hour since the full handshake (and certificate check) it
+    /// started from. On failure the old context stays and we retry later.
+    fn renew_tickets(&mut self) {
+        let c = &self.state.config;
+        match ctrl_exec::tls::server_context(&c.cert, &c.key, &c.ca, c.tls_ticket_lifetime) {
+            Ok(tls) => self.tls = Rc::new(tls),
+            Err(e) => audit::err("tls-renew-fail", &[("ERROR", &e.0), ("RESULT", "kept the running TLS context")]),
+        }
+        self.tls_since = Instant::now();
+    }
 }
 
 /// Build a snapshot from the files on disk; log what was skipped.
@@ -152,9 +182,7 @@ fn load_snapshot(cfg: AgentConfig, allowlist: &Option<String>) -> Result<Snapsho
     let list_path = allowlist.as_ref().map(PathBuf::from).unwrap_or_else(|| cfg.allowlist.clone());
     let list = Allowlist::load(&list_path, &cfg.script_dirs)
         .map_err(|e| Fail::config(format!("{e}\n(the allowlist is required: create it, even empty)")))?;
-    for w in &list.warnings {
-        config_warn("allowlist", w);
-    }
+    let mut notes: Vec<(&'static str, String)> = list.warnings.iter().map(|w| ("allowlist", w.clone())).collect();
     for s in list.scripts.values() {
         if s.profile != "default" && !cfg.profiles.contains(&s.profile) {
             return Err(Fail::config(format!(
@@ -169,13 +197,13 @@ fn load_snapshot(cfg: AgentConfig, allowlist: &Option<String>) -> Result<Snapsho
     }
     let declared: Vec<&str> = cfg.profiles.iter().map(String::as_str).filter(|p| *p != "default").collect();
     if !declared.is_empty() {
-        config_warn(
+        notes.push((
             "profiles",
-            &format!(
+            format!(
                 "profiles {} are parsed but not enforced: this agent has no privilege-separated executor yet, so every script runs as the agent's own user",
                 declared.join(", ")
             ),
-        );
+        ));
     }
     if let Some(h) = &cfg.auth_hook
         && !ctrl_exec::fsutil::is_executable(h)
@@ -188,21 +216,14 @@ fn load_snapshot(cfg: AgentConfig, allowlist: &Option<String>) -> Result<Snapsho
     }
     let trusted = TrustedMap::load(&cfg.trusted_dispatchers_path)
         .map_err(|e| Fail::config(format!("cannot read {}: {e}", cfg.trusted_dispatchers_path.display())))?;
-    for w in &trusted.warnings {
-        config_warn("trusted-dispatchers", w);
-    }
+    notes.extend(trusted.warnings.iter().map(|w| ("trusted-dispatchers", w.clone())));
     let revoked = trust::load_revoked(&cfg.revoked_serials)
         .map_err(|e| Fail::config(format!("cannot read {}: {e}", cfg.revoked_serials.display())))?;
     if !revoked.present {
-        audit::info(
-            "revoked-serials-absent",
-            &[("PATH", &cfg.revoked_serials.display().to_string()), ("REASON", "file not found; nothing is revoked")],
-        );
+        notes.push(("revoked-serials-absent", cfg.revoked_serials.display().to_string()));
     }
-    for w in &revoked.warnings {
-        config_warn("revoked-serials", w);
-    }
-    let tls = ctrl_exec::tls::server_context(&cfg.cert, &cfg.key, &cfg.ca)
+    notes.extend(revoked.warnings.iter().map(|w| ("revoked-serials", w.clone())));
+    let tls = ctrl_exec::tls::server_context(&cfg.cert, &cfg.key, &cfg.ca, cfg.tls_ticket_lifetime)
         .map_err(|e| Fail::config(format!("cannot set up TLS: {e}")))?;
     let state = AgentState {
         host: cfg.hostname.clone().unwrap_or_else(ctrl_exec::config::host_name),
@@ -212,7 +233,7 @@ fn load_snapshot(cfg: AgentConfig, allowlist: &Option<String>) -> Result<Snapsho
         revoked: revoked.value,
         config: cfg,
     };
-    Ok(Snapshot { state: Rc::new(state), tls: Rc::new(tls) })
+    Ok(Snapshot { state: Rc::new(state), tls: Rc::new(tls), tls_since: Instant::now(), notes })
 }
 
 fn not_paired(cfg: &AgentConfig) -> Option<String> {
@@ -234,6 +255,7 @@ fn serve(a: Serve) -> AppResult {
     }
     let addr = SocketAddr::new(cfg.bind.parse::<IpAddr>().unwrap_or(IpAddr::from([0, 0, 0, 0])), cfg.port);
     let snap = load_snapshot(cfg, &a.allowlist)?;
+    snap.announce();
     let listener =
         TcpListener::bind(addr).and_then(Async::new).map_err(|e| Fail::new(format!("cannot listen on {addr}: {e}")))?;
     let port = listener.get_ref().local_addr().map(|a| a.port()).unwrap_or(addr.port());
@@ -281,6 +303,13 @@ async fn accept_loop(
         .await;
         match ev {
             Event::Conn(Ok((tcp, addr))) => {
+                let renew = {
+                    let c = current.borrow();
+                    c.tls_since.elapsed() >= c.state.config.tls_ticket_lifetime
+                };
+                if renew {
+                    current.borrow_mut().renew_tickets();
+                }
                 let (state, tls) = {
                     let c = current.borrow();
                     (c.state.clone(), c.tls.clone())
@@ -342,6 +371,7 @@ async fn accept_loop(
                                 ("LIVE", &live.get().to_string()),
                             ],
                         );
+                        next.announce();
                         *current.borrow_mut() = next;
                     }
                     Err(f) => {
@@ -473,7 +503,7 @@ fn self_check(a: SelfCheck) -> AppResult {
                     ),
                     Err(e) => check(false, e.to_string()),
                 }
-                match ctrl_exec::tls::server_context(&cfg.cert, &cfg.key, &cfg.ca) {
+                match ctrl_exec::tls::server_context(&cfg.cert, &cfg.key, &cfg.ca, cfg.tls_ticket_lifetime) {
                     Ok(_) => check(true, "key matches certificate; TLS context builds".into()),
                     Err(e) => check(false, format!("TLS: {e}")),
                 }
@@ -509,6 +539,13 @@ fn self_check(a: SelfCheck) -> AppResult {
             ),
         ),
         Err(e) => check(false, format!("revocation list {}: {e}", cfg.revoked_serials.display())),
+    }
+    let declared: Vec<&str> = cfg.profiles.iter().map(String::as_str).filter(|p| *p != "default").collect();
+    if !declared.is_empty() {
+        println!(
+            "  [note] profiles {} are parsed but not enforced (no privilege-separated executor yet)",
+            declared.join(", ")
+        );
     }
     match &cfg.auth_hook {
         None => check(true, "auth hook: none".into()),

@@ -182,14 +182,16 @@ fn enroll(a: Enroll) -> AppResult {
         return Err(Fail::usage(format!("--bind must be an IPv4 or IPv6 address, not '{}'", a.bind)));
     }
     let reg = Registry::new(&cfg.registry_dir);
-    // Held to the end: two enrolments of one name cannot both pass the check.
-    let _lock = reg.lock()?;
-    if reg.get(&a.name)?.is_some() && !a.force {
-        return Err(Fail::new(format!(
-            "agent '{}' is already registered; use --force to enrol it again (its old certificate stays valid until it expires; if that key may be compromised, re-enrol it with a new key and keep the old certificate off the network)",
-            a.name
-        )));
-    }
+    let refuse_existing = || -> Result<(), Fail> {
+        if reg.get(&a.name)?.is_some() && !a.force {
+            return Err(Fail::new(format!(
+                "agent '{}' is already registered; use --force to enrol it again (its old certificate stays valid until it expires; if that key may be compromised, re-enrol it with a new key and keep the old certificate off the network)",
+                a.name
+            )));
+        }
+        Ok(())
+    };
+    refuse_existing()?;
     if let Some(out) = &a.out {
         // Refuse before a serial is spent on a certificate nobody can install.
         let key = std::path::Path::new(out).join("agent.key");
@@ -224,6 +226,11 @@ fn enroll(a: Enroll) -> AppResult {
             ("ctrl-exec-dispatchers".into(), trusted.render().into_bytes()),
         ],
     };
+    // Checked again under the registry lock (key generation ran without it,
+    // as it can take minutes on slow hardware): of two enrolments of one
+    // name, only one gets past this point.
+    let _lock = reg.lock()?;
+    refuse_existing()?;
     if let Some(out) = &a.out {
         for line in bundle.install(std::path::Path::new(out), a.force)? {
             eprintln!("  {line}");

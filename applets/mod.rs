@@ -178,7 +178,7 @@ pub fn dispatch(argv: Vec<String>) -> u8 {
             _ => {}
         }
     }
-    if first == Some("--version") {
+    if first == Some("--version") && role.built {
         let name = if role.sub.is_empty() { "ctrl-exec" } else { role.name };
         println!("{name} {}", ctrl_exec::VERSION);
         return EXIT_OK;

@@ -106,7 +106,9 @@ impl Allowlist {
                     Some(("profile", "")) => bad = Some("empty profile= annotation".to_string()),
                     Some(("profile", v)) => profile = v.to_string(),
                     Some(("timeout", v)) => match v.strip_suffix('s').unwrap_or(v).parse::<u64>() {
-                        Ok(s) if (1..=7 * 86_400).contains(&s) => timeout = Some(Duration::from_secs(s)),
+                        Ok(s) if (1..=7 * 86_400).contains(&s) && v.starts_with(|c: char| c.is_ascii_digit()) => {
+                            timeout = Some(Duration::from_secs(s))
+                        }
                         _ => bad = Some(format!("invalid timeout '{v}' (whole seconds, 1 to 604800)")),
                     },
                     Some((k, _)) => warn(format!("'{name}': unknown annotation '{k}' ignored")),
@@ -160,16 +162,17 @@ mod tests {
 
     #[test]
     fn entries_and_annotations() {
-        let text = "# c\necho = /bin/echo\nslow = timeout=5 /bin/sleep profile=web\nbad name = /x\nrel = bin/x\ntwo = /a /b\nnone = profile=x\nt = /x timeout=0\nfut = /x future=1\necho = /usr/bin/echo\n";
+        let text = "# c\necho = /bin/echo\nslow = timeout=5 /bin/sleep profile=web\nbad name = /x\nrel = bin/x\ntwo = /a /b\nnone = profile=x\nt = /x timeout=0\nfut = /x future=1\necho = /usr/bin/echo\np = /x timeout=+5\nq = /x timeout=5ss\nr = /x profile=\ns = /x timeout=30s\n";
         let l = Allowlist::parse(Path::new("s.conf"), text, &[]);
-        assert_eq!(l.scripts.len(), 3, "{:?}", l.scripts.keys());
+        assert_eq!(l.scripts.len(), 4, "{:?}", l.scripts.keys());
+        assert_eq!(l.scripts["s"].timeout, Some(Duration::from_secs(30)));
         let slow = &l.scripts["slow"];
         assert_eq!(slow.timeout, Some(Duration::from_secs(5)));
         assert_eq!(slow.profile, "web");
         assert_eq!(l.scripts["echo"].path, PathBuf::from("/usr/bin/echo"));
         assert_eq!(l.scripts["fut"].profile, "default");
         assert!(l.warnings.iter().any(|w| w.contains("s.conf:4:")), "{:?}", l.warnings);
-        assert_eq!(l.warnings.len(), 7, "{:?}", l.warnings);
+        assert_eq!(l.warnings.len(), 10, "{:?}", l.warnings);
     }
 
     #[test]

@@ -116,12 +116,14 @@ async fn addresses(t: &Target) -> Result<Vec<SocketAddr>, CallError> {
 }
 
 /// Resumable TLS sessions kept between runs, so that a repeated call to the
-/// same agent skips both RSA signatures of a full handshake.
+/// same agent skips both RSA signatures of a full handshake. The agent
+/// renews its ticket keys every hour, so a cached session never carries an
+/// authentication older than that.
 ///
 /// One small file per agent address, in a directory named after a hash of
 /// the dispatcher certificate (a new dispatcher identity never offers an old
 /// session). Files are 0600 in a 0700 directory: a session is worth as much
-/// as the dispatcher key for the ticket's lifetime (an hour at most). Losing
+/// as the dispatcher key until the agent renews its ticket keys (hourly). Losing
 /// or corrupting the cache only costs a full handshake, so writes skip fsync.
 #[derive(Debug, Clone)]
 pub struct SessionCache {
@@ -141,7 +143,8 @@ impl SessionCache {
     fn file(&self, t: &Target) -> PathBuf {
         let addr: String =
             t.addr.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' }).collect();
-        self.dir.join(format!("{addr}_{}.der", t.port))
+        let tag = crate::wire::hex(&openssl::sha::sha256(format!("{}\n{}", t.addr, t.port).as_bytes())[..4]);
+        self.dir.join(format!("{addr}_{}-{tag}.der", t.port))
     }
 
     /// The saved session for `t`, if any.

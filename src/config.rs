@@ -200,7 +200,7 @@ impl RawConfig {
             return Ok(default);
         };
         match e.value.parse::<u64>() {
-            Ok(v) if (min..=max).contains(&v) => Ok(v),
+            Ok(v) if (min..=max).contains(&v) && e.value.starts_with(|c: char| c.is_ascii_digit()) => Ok(v),
             _ => Err(self.bad_value(e, &format!("a whole number from {min} to {max}"))),
         }
     }
@@ -309,6 +309,9 @@ pub struct AgentConfig {
     pub request_timeout: Duration,
     /// Time in-flight runs get to finish after SIGTERM.
     pub shutdown_grace: Duration,
+    /// How long resumption tickets are honoured; the ticket keys are renewed
+    /// this often, which bounds the age of any resumed authentication.
+    pub tls_ticket_lifetime: Duration,
     /// Renewal staging path.
     pub cert_staging_path: PathBuf,
     /// Async run store.
@@ -334,7 +337,7 @@ impl AgentConfig {
         let port = {
             let e = raw.req("port")?;
             match e.value.parse::<u16>() {
-                Ok(p) if p > 0 => p,
+                Ok(p) if p > 0 && e.value.starts_with(|c: char| c.is_ascii_digit()) => p,
                 _ => return Err(raw.bad_value(e, "a port number from 1 to 65535")),
             }
         };
@@ -383,6 +386,7 @@ impl AgentConfig {
             max_output: raw.num(&["max_output"], 1 << 20, 0, 256 << 20)? as usize,
             request_timeout: raw.secs(&["request_timeout"], 30, 1, 3600)?,
             shutdown_grace: raw.secs(&["shutdown_grace"], 30, 0, 86_400)?,
+            tls_ticket_lifetime: raw.secs(&["tls_ticket_lifetime"], crate::tls::TICKET_LIFETIME_SECS, 1, 86_400)?,
             cert_staging_path: raw.path_or("cert_staging_path", "/var/lib/ctrl-exec-agent/agent.crt.staged"),
             async_runs_dir: raw.path_or("async_runs_dir", "/var/lib/ctrl-exec-agent/runs"),
             hostname: raw.opt_str(&["hostname"]),
@@ -462,9 +466,9 @@ impl DispatcherConfig {
             dispatcher_id,
             cert_days: raw.num(&["cert_days"], 365, 1, 36_500)? as u32,
             key_type: raw.key_type()?,
-            tls_session_cache: match raw.get(&["tls_session_cache"]).map(|e| e.value.as_str()) {
-                Some("off" | "no" | "none" | "0") => None,
-                Some(v) if !v.is_empty() => Some(raw.resolve(v)),
+            tls_session_cache: match raw.get(&["tls_session_cache"]).map(|e| (e.value.to_ascii_lowercase(), e)) {
+                Some((v, _)) if ["off", "no", "none", "0"].contains(&v.as_str()) => None,
+                Some((_, e)) if !e.value.is_empty() => Some(raw.resolve(&e.value)),
                 _ => Some(registry_dir.parent().unwrap_or(Path::new("/var/lib/ctrl-exec")).join("tls-sessions")),
             },
             registry_dir,
@@ -541,13 +545,17 @@ mod tests {
     #[test]
     fn table_of_bad_values() {
         let base = "cert=a\nkey=b\nca=c\n";
-        for (line, needle) in [("port = 70000", "port number"), ("port = x", "port number")] {
+        for (line, needle) in
+            [("port = 70000", "port number"), ("port = x", "port number"), ("port = +7443", "port number")]
+        {
             let e = AgentConfig::from_raw(p(&format!("{line}\n{base}")).unwrap()).unwrap_err();
             assert!(e.msg.contains(needle), "{line}: {e}");
             assert_eq!(e.line, Some(1));
         }
         for (line, needle) in [
             ("max_children = 0", "whole number"),
+            ("max_children = +5", "whole number"),
+            ("tls_ticket_lifetime = 0", "whole number"),
             ("stdin_timeout = -1", "whole number"),
             ("bind = localhost", "IPv4 or IPv6"),
             ("log = file", "one of"),

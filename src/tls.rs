@@ -23,6 +23,7 @@ use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::path::Path;
+use std::time::Duration;
 
 use openssl::ssl::{
     ErrorCode, Ssl, SslContext, SslContextBuilder, SslMethod, SslMode, SslOptions, SslSession, SslSessionCacheMode,
@@ -90,8 +91,8 @@ fn policy(method: SslMethod) -> Result<SslContextBuilder, TlsError> {
     Ok(b)
 }
 
-/// How long a resumption ticket issued by an agent stays valid.
-pub const TICKET_LIFETIME_SECS: i64 = 3600;
+/// Default for how long an agent's resumption tickets are honoured.
+pub const TICKET_LIFETIME_SECS: u64 = 3600;
 
 unsafe extern "C" {
     // Plain functions of every OpenSSL 1.1.1+/3.x libssl the crate does not wrap.
@@ -101,7 +102,7 @@ unsafe extern "C" {
 
 /// Context for an mTLS server (the agent): our cert, client cert required
 /// and verified against `ca`.
-pub fn server_context(cert: &Path, key: &Path, ca: &Path) -> Result<SslContext, TlsError> {
+pub fn server_context(cert: &Path, key: &Path, ca: &Path, ticket_lifetime: Duration) -> Result<SslContext, TlsError> {
     let mut b = policy(SslMethod::tls_server())?;
     load_identity(&mut b, cert, key, ca)?;
     b.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
@@ -111,7 +112,7 @@ pub fn server_context(cert: &Path, key: &Path, ca: &Path) -> Result<SslContext, 
     }
     // Resumption: one stateless ticket per handshake, sealed with keys that
     // live only in this context (a restart or SIGHUP reload voids them all),
-    // valid for TICKET_LIFETIME_SECS. The ticket carries the client
+    // valid for `ticket_lifetime`. The ticket carries the client
     // certificate of the full handshake, so the serial gate and the
     // revocation list apply to resumed connections exactly as to new ones.
     // No server-side cache: nothing grows with the number of clients.
@@ -119,7 +120,7 @@ pub fn server_context(cert: &Path, key: &Path, ca: &Path) -> Result<SslContext, 
     b.set_session_cache_mode(SslSessionCacheMode::OFF);
     // SAFETY: the builder owns a live SSL_CTX; the call only sets a number.
     unsafe {
-        SSL_CTX_set_timeout(b.as_ptr().cast(), TICKET_LIFETIME_SECS as std::ffi::c_long);
+        SSL_CTX_set_timeout(b.as_ptr().cast(), ticket_lifetime.as_secs() as std::ffi::c_long);
     }
     Ok(b.build())
 }

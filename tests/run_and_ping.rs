@@ -315,3 +315,27 @@ fn the_session_cache_can_be_turned_off() {
     assert_eq!(a.log().matches("TLS=full").count(), 2, "{}", a.log());
     assert!(!d.path().join("tls-sessions").exists());
 }
+
+#[test]
+fn a_chain_of_resumptions_ends_when_the_agent_renews_its_ticket_keys() {
+    let d = Dispatcher::new();
+    let mut a = d.enroll("web1");
+    a.script("echo", "#!/bin/sh\necho hi\n", "");
+    a.configure("tls_ticket_lifetime = 2");
+    a.start();
+    // Each resumed connection brings a fresh ticket; without the renewal of
+    // the ticket keys this chain would never authenticate in full again.
+    for _ in 0..8 {
+        d.ok(&["run", "web1", "echo"]);
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    let log = a.log();
+    let tls: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(": ACTION=run "))
+        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("TLS=")))
+        .collect();
+    assert_eq!(tls[0], "full");
+    assert_eq!(tls[1], "resumed");
+    assert!(tls[2..].contains(&"full"), "no full handshake in 4 s with 2 s tickets: {tls:?}");
+}
