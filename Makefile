@@ -2,7 +2,12 @@
 # commands in the README; everything else is for developers.
 CARGO ?= cargo
 
-.PHONY: all build release test lint demo bench prereqs clean
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
+# Targets for `make cross` / `make ipk` (names from openwrt-feed/targets.txt).
+TARGETS ?= x86_64 aarch64 armv7 arm mips mipsel
+FEED_DIR ?= openwrt-feed/out
+
+.PHONY: all build release test lint demo bench prereqs clean static cross cross-setup smoke ipk feed check-feed
 
 all: build
 
@@ -30,6 +35,34 @@ demo: prereqs
 # Figures, not pass/fail: RSS, run latency, fan-out wall time, binary size.
 bench: prereqs
 	bash scripts/bench.sh
+
+# --- static and cross builds (see cross/README.md) -------------------------
+cross-setup: prereqs
+	@bash cross/setup.sh
+
+# x86_64, fully static (musl), non-PIE.
+static: cross-setup
+	@bash cross/build.sh x86_64
+
+# Every target in TARGETS: static musl binaries under target/<triple>/release/.
+cross: cross-setup
+	@for t in $(TARGETS); do echo "== $$t"; bash cross/build.sh $$t || exit 1; done
+
+# A foreign agent under qemu serving the x86_64 CLI (SMOKE=mips by default).
+smoke: cross-setup
+	@bash cross/smoke.sh $(or $(SMOKE),mips)
+
+# .ipk packages for TARGETS (built by `make cross` first) into $(FEED_DIR)/<arch>/.
+ipk:
+	@bash openwrt-feed/build.sh $(VERSION) $(FEED_DIR) $(TARGETS)
+
+# Packages, Packages.gz and, with FEED_KEY=<signify secret key>, Packages.sig.
+feed:
+	@for d in $(FEED_DIR)/*/; do bash openwrt-feed/mkfeed.sh "$$d" $(FEED_KEY) || exit 1; done
+
+# Verify every package and index in $(FEED_DIR) (FEED_PUB=<public key>).
+check-feed:
+	@for d in $(FEED_DIR)/*/; do bash openwrt-feed/check.sh "$$d" $(FEED_PUB) || exit 1; done
 
 clean:
 	$(CARGO) clean

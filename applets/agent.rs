@@ -49,6 +49,8 @@ enum Verb {
     PairingStatus(PairingStatus),
     Paired(Paired),
     InstallBundle(InstallBundle),
+    PromoteCert(PromoteCert),
+    CertStaged(CertStaged),
 }
 
 #[derive(FromArgs)]
@@ -64,6 +66,10 @@ struct Serve {
     /// write audit lines to stderr instead of syslog
     #[argh(switch)]
     log_stderr: bool,
+    /// load and check everything `serve` would, then exit (0, or 78 with the
+    /// reason) without listening: for init scripts before a (re)start
+    #[argh(switch)]
+    check: bool,
 }
 
 #[derive(FromArgs)]
@@ -98,6 +104,25 @@ struct Paired {
 }
 
 #[derive(FromArgs)]
+/// Install a staged renewed certificate if it is valid (run before `serve`,
+/// e.g. from the init script); never fails, so it cannot block a start.
+#[argh(subcommand, name = "promote-cert", help_triggers("-h", "--help"))]
+struct PromoteCert {
+    /// agent.conf (default /etc/ctrl-exec-agent/agent.conf)
+    #[argh(option)]
+    config: Option<String>,
+}
+
+#[derive(FromArgs)]
+/// Exit 0 if a renewed certificate is staged (waiting for `promote-cert`), else 1.
+#[argh(subcommand, name = "cert-staged", help_triggers("-h", "--help"))]
+struct CertStaged {
+    /// agent.conf (default /etc/ctrl-exec-agent/agent.conf)
+    #[argh(option)]
+    config: Option<String>,
+}
+
+#[derive(FromArgs)]
 /// Unpack an enrolment bundle (from `ctrl-exec-ca enroll --bundle`) read on stdin.
 #[argh(subcommand, name = "install-bundle", help_triggers("-h", "--help"))]
 struct InstallBundle {
@@ -125,6 +150,11 @@ pub fn main(invoked: &str, args: &[String]) -> AppResult {
             _ => EXIT_FAIL,
         }),
         Some(Verb::InstallBundle(a)) => install_bundle(a),
+        Some(Verb::PromoteCert(a)) => promote_cert(a),
+        Some(Verb::CertStaged(a)) => Ok(match load_config(&a.config) {
+            Ok(cfg) if cfg.cert_staging_path.is_file() => EXIT_OK,
+            _ => EXIT_FAIL,
+        }),
     }
 }
 
@@ -242,7 +272,7 @@ fn not_paired(cfg: &AgentConfig) -> Option<String> {
         format!(
             "not paired yet: missing {}\nOn the dispatcher: ctrl-exec-ca enroll <name> --ip <addr> --bundle > bundle.txt\nHere:            ctrl-exec-agent install-bundle --dir {} < bundle.txt",
             missing.join(", "),
-            cfg.path.parent().map(|p| p.display().to_string()).unwrap_or_else(|| ".".into())
+            cfg.cert.parent().map(|p| p.display().to_string()).unwrap_or_else(|| ".".into())
         )
     })
 }
@@ -255,6 +285,10 @@ fn serve(a: Serve) -> AppResult {
     }
     let addr = SocketAddr::new(cfg.bind.parse::<IpAddr>().unwrap_or(IpAddr::from([0, 0, 0, 0])), cfg.port);
     let snap = load_snapshot(cfg, &a.allowlist)?;
+    if a.check {
+        println!("{}: configuration OK", snap.state.config.path.display());
+        return Ok(EXIT_OK);
+    }
     snap.announce();
     let listener =
         TcpListener::bind(addr).and_then(Async::new).map_err(|e| Fail::new(format!("cannot listen on {addr}: {e}")))?;
@@ -583,6 +617,57 @@ fn pairing_status(a: PairingStatus) -> AppResult {
             Ok(EXIT_FAIL)
         }
     }
+}
+
+/// Why a staged certificate may not replace the live one.
+fn check_staged(cfg: &AgentConfig, pem: &[u8]) -> Result<(), String> {
+    let cert =
+        openssl::x509::X509::from_pem(pem).map_err(|_| "the staged file is not a PEM certificate".to_string())?;
+    let ca = ctrl_exec::ca::load_cert(&cfg.ca).map_err(|e| e.to_string())?;
+    if !ctrl_exec::ca::verifies_against(&cert, &ca) {
+        return Err("renewed cert does not verify against the agent CA".into());
+    }
+    let key = ctrl_exec::ca::load_key(&cfg.key).map_err(|e| e.to_string())?;
+    let same = cert.public_key().map(|p| p.public_eq(&key)).unwrap_or(false);
+    if !same {
+        return Err("renewed cert public key does not match the agent key".into());
+    }
+    let left = ctrl_exec::time::parse_openssl_date(&ctrl_exec::ca::not_after(&cert));
+    if left.is_none_or(|t| t <= ctrl_exec::time::unix_now()) {
+        return Err("renewed cert has already expired".into());
+    }
+    Ok(())
+}
+
+fn promote_cert(a: PromoteCert) -> AppResult {
+    let cfg = match load_config(&a.config) {
+        Ok(c) => c,
+        Err(f) => {
+            eprintln!("promote-cert: nothing done: {}", f.msg);
+            return Ok(EXIT_OK);
+        }
+    };
+    common::init_audit("ctrl-exec-agent", &cfg.log, false);
+    let staged = &cfg.cert_staging_path;
+    let Ok(pem) = std::fs::read(staged) else {
+        return Ok(EXIT_OK); // the common case: nothing to do, nothing to say
+    };
+    let result = check_staged(&cfg, &pem).and_then(|()| {
+        // Keep the live certificate's owner and mode (group-readable for the agent user).
+        ctrl_exec::fsutil::atomic_replace(&cfg.cert, &pem, 0o644).map_err(|e| e.to_string())
+    });
+    let _ = std::fs::remove_file(staged);
+    match result {
+        Ok(()) => {
+            audit::info("cert-promote", &[("STATUS", "installed")]);
+            println!("Installed the renewed certificate from {} as {}.", staged.display(), cfg.cert.display());
+        }
+        Err(e) => {
+            audit::warn("cert-promote", &[("ERROR", &e)]);
+            println!("Discarded the staged certificate {}: {e}.", staged.display());
+        }
+    }
+    Ok(EXIT_OK)
 }
 
 fn install_bundle(a: InstallBundle) -> AppResult {

@@ -129,10 +129,11 @@ fn name_cn(cn: &str) -> Result<openssl::x509::X509Name, CaError> {
 
 fn validity(days: u32) -> Result<(Asn1Time, Asn1Time), CaError> {
     // Start an hour back: routers often boot with a clock that lags until NTP syncs.
+    // Times go to OpenSSL as text, never as time_t: on 32-bit musl the Rust
+    // and C sides disagree on time_t's width (32 vs 64 bits).
     let now = crate::time::unix_now();
-    let nb = Asn1Time::from_unix(now - 3600)?;
-    let na = Asn1Time::from_unix(now + i64::from(days) * 86_400)?;
-    Ok((nb, na))
+    let asn1 = |t: i64| Asn1Time::from_str_x509(&crate::time::asn1_generalized(t));
+    Ok((asn1(now - 3600)?, asn1(now + i64::from(days) * 86_400)?))
 }
 
 /// A self-signed v3 CA certificate.

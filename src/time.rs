@@ -47,6 +47,13 @@ pub fn iso_utc(t: i64) -> String {
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", s / 3600, s / 60 % 60, s % 60)
 }
 
+/// `YYYYMMDDHHMMSSZ` (ASN.1 GeneralizedTime) for a Unix time.
+pub fn asn1_generalized(t: i64) -> String {
+    let (y, m, d) = civil_from_days(t.div_euclid(86_400));
+    let s = t.rem_euclid(86_400);
+    format!("{y:04}{m:02}{d:02}{:02}{:02}{:02}Z", s / 3600, s / 60 % 60, s % 60)
+}
+
 /// The current time as ISO 8601 UTC.
 pub fn now_iso() -> String {
     iso_utc(unix_now())
@@ -108,6 +115,14 @@ mod tests {
         assert_eq!(iso_utc(0), "1970-01-01T00:00:00Z");
         assert_eq!(iso_utc(1_773_066_600), "2026-03-09T14:30:00Z");
         assert_eq!(iso_utc(951_782_400), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn asn1_times() {
+        assert_eq!(asn1_generalized(1_773_066_600), "20260309143000Z");
+        // beyond 2038: certificates signed on 32-bit routers must not wrap
+        let t = openssl::asn1::Asn1Time::from_str_x509(&asn1_generalized(4_102_444_800)).unwrap();
+        assert_eq!(t.to_string(), "Jan  1 00:00:00 2100 GMT");
     }
 
     #[test]

@@ -290,3 +290,68 @@ fn the_api_server_role_says_it_is_not_in_this_build() {
         assert!(stderr(&o).contains("HTTP API server) is not available"), "{}", stderr(&o));
     }
 }
+
+#[test]
+fn a_staged_certificate_is_promoted_only_when_it_fits() {
+    let d = Dispatcher::new();
+    let a = d.enroll("web1");
+    let p = d.path();
+    let ca = ctrl_exec::ca::CaFiles::new(&p.join("ca.crt"), p);
+    let agent_key = ctrl_exec::ca::load_key(&a.dir.join("agent.key")).unwrap();
+    let public = |k: &openssl::pkey::PKey<openssl::pkey::Private>| {
+        openssl::pkey::PKey::public_key_from_pem(&k.public_key_to_pem().unwrap()).unwrap()
+    };
+    let staged = a.dir.join("agent.crt.staged");
+    let conf = a.conf();
+    let agent =
+        |verb: &str| Command::new(bin()).args(["agent", verb, "--config", conf.to_str().unwrap()]).output().unwrap();
+    assert_eq!(agent("cert-staged").status.code(), Some(1));
+    // a certificate for another key is discarded and the live one kept
+    let other = ctrl_exec::ca::KeyType::EcP256.generate().unwrap();
+    let wrong = ca.issue(&public(&other), "web1", 30).unwrap();
+    std::fs::write(&staged, wrong.to_pem().unwrap()).unwrap();
+    assert_eq!(agent("cert-staged").status.code(), Some(0));
+    let live = std::fs::read(a.dir.join("agent.crt")).unwrap();
+    let o = agent("promote-cert");
+    assert!(o.status.success());
+    assert!(stdout(&o).contains("does not match the agent key"), "{}", stdout(&o));
+    assert_eq!(std::fs::read(a.dir.join("agent.crt")).unwrap(), live);
+    assert!(!staged.exists());
+    // a renewal of the same key is installed
+    let renewed = ca.issue(&public(&agent_key), "web1", 30).unwrap();
+    std::fs::write(&staged, renewed.to_pem().unwrap()).unwrap();
+    let o = agent("promote-cert");
+    assert!(o.status.success() && stdout(&o).contains("Installed"), "{}", stdout(&o));
+    assert_eq!(std::fs::read(a.dir.join("agent.crt")).unwrap(), renewed.to_pem().unwrap());
+    assert!(!staged.exists());
+    assert_eq!(agent("cert-staged").status.code(), Some(1));
+    // and the agent serves with it
+    let mut a = a;
+    a.script("echo", "#!/bin/sh\necho renewed\n", "");
+    a.start();
+    assert!(stdout(&d.ok(&["run", "web1", "echo"])).contains("renewed"));
+    // a broken config never fails the start sequence
+    let o = Command::new(bin()).args(["agent", "promote-cert", "--config", "/nonexistent"]).output().unwrap();
+    assert!(o.status.success());
+}
+
+#[test]
+fn serve_check_validates_without_listening() {
+    let d = Dispatcher::new();
+    let a = d.enroll("web1");
+    let check = || {
+        Command::new(bin())
+            .args(["agent", "serve", "--check", "--config", a.conf().to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let o = check();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("configuration OK"));
+    // nothing listens afterwards
+    assert!(std::net::TcpStream::connect(("127.0.0.1", a.port)).is_err());
+    std::fs::write(a.dir.join("scripts.conf"), "web = /bin/true profile=hardened\n").unwrap();
+    let o = check();
+    assert_eq!(o.status.code(), Some(78));
+    assert!(stderr(&o).contains("uses profile 'hardened'"), "{}", stderr(&o));
+}
