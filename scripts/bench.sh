@@ -135,6 +135,29 @@ fi
 AGENTS_RSS=0
 for p in "${PIDS[@]}"; do AGENTS_RSS=$((AGENTS_RSS + $(rss_kib "$p"))); done
 
+# Per target: whatever `make cross` / `make static` has built.
+TARGET_ROWS=""
+while read -r name triple _; do
+    case "$name" in ''|'#'*) continue ;; esac
+    b="target/$triple/release/ctrl-exec"
+    [ -f "$b" ] || { TARGET_ROWS+=$(printf '  %-8s %-32s not built (make cross TARGETS=%s)' "$name" "$triple" "$name")$'\n'; continue; }
+    TARGET_ROWS+=$(printf '  %-8s %-32s %9s bytes, gzip -9 %9s bytes' "$name" "$triple" "$(stat -c %s "$b")" "$(gzip -9 -c "$b" | wc -c)")$'\n'
+done < openwrt-feed/targets.txt
+# The MIPS agent idling under qemu-user: qemu's own RSS (emulator plus
+# translated code), an upper bound, not what a router would show.
+MIPS_BIN="target/mips-unknown-linux-musl/release/ctrl-exec"
+MIPS_RSS="not measured (build it with: make cross TARGETS=mips)"
+if [ -x "$MIPS_BIN" ] && command -v qemu-mips-static >/dev/null; then
+    p=$(free_port)
+    cp -r "$WORK/a/b000" "$WORK/a/mips"
+    sed -i "s/^port = .*/port = $p/" "$WORK/a/mips/agent.conf"
+    qemu-mips-static -cpu 24Kc "$MIPS_BIN" agent serve --config "$WORK/a/mips/agent.conf" 2>>"$WORK/agents.log" &
+    PIDS+=($!)
+    wait_port "$p"
+    sleep 2
+    MIPS_RSS="$(rss_kib "${PIDS[-1]}") KiB ($(rss_split "${PIDS[-1]}"))"
+fi
+
 SIZE=$(stat -c %s "$BIN")
 GZ=$(gzip -9 -c "$BIN" | wc -c)
 cat <<REPORT
@@ -153,4 +176,8 @@ binary: $BIN
   CLI max RSS for that fan-out            ${CLI_RSS} KiB
   ${FANOUT} agents' RSS together               $((AGENTS_RSS / 1024)) MiB
   binary size                             ${SIZE} bytes (gzip -9: ${GZ} bytes)
+  mips agent idle under qemu-mips-static  ${MIPS_RSS}
+
+per target (static, release profile: opt-level z, LTO, panic=abort, stripped, trimmed OpenSSL):
+${TARGET_ROWS}
 REPORT
