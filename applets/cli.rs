@@ -6,16 +6,13 @@
 //! code policy is here and only here: `run` exits 0 only if every host ran
 //! the script and it exited 0; `ping` exits 0 only if every host answered.
 
-use std::time::{Duration, Instant};
-
 use argh::FromArgs;
-use ctrl_exec::audit;
-use ctrl_exec::client::{self, Target, Timeouts};
-use ctrl_exec::config::DispatcherConfig;
+use ctrl_exec::client::Target;
+use ctrl_exec::dispatch::{self, Engine, ResolveError, RunRequest};
 use ctrl_exec::error::{AppResult, EXIT_FAIL, EXIT_OK, Fail};
 use ctrl_exec::hook::{self, Decision, NoHook};
-use ctrl_exec::registry::{DEFAULT_PORT, Registry};
-use ctrl_exec::wire::{Obj, get_i64, get_str, parse_object, str_array};
+use ctrl_exec::registry::Registry;
+use ctrl_exec::wire::{Obj, get_i64, get_str};
 use miniserde::json::{self, Array, Object, Value};
 
 use super::common;
@@ -120,57 +117,12 @@ pub fn main(invoked: &str, args: &[String]) -> AppResult {
 }
 
 /// Shared set-up of the verbs that contact agents.
-struct Dispatch {
-    cfg: DispatcherConfig,
-    ctx: openssl::ssl::SslContext,
+struct Prepared {
+    engine: Engine,
     targets: Vec<Target>,
-    cache: Option<client::SessionCache>,
     username: String,
     token: String,
     reqid: String,
-}
-
-fn split_port(typed: &str) -> Result<(String, Option<u16>), Fail> {
-    match typed.rsplit_once(':') {
-        Some((name, p)) => match p.parse::<u16>() {
-            Ok(port) if port > 0 => Ok((name.to_string(), Some(port))),
-            _ => Err(Fail::usage(format!("invalid port in '{typed}' (expected <host>:<1-65535>)"))),
-        },
-        None => Ok((typed.to_string(), None)),
-    }
-}
-
-/// Registry-only resolution: every name must be registered.
-fn resolve(reg: &Registry, typed: &[String], port_flag: Option<u16>) -> Result<Vec<Target>, Fail> {
-    let mut out: Vec<Target> = Vec::new();
-    let mut unknown = Vec::new();
-    for t in typed {
-        let (name, port) = split_port(t)?;
-        if out.iter().any(|x| x.name == name) {
-            continue;
-        }
-        let rec = match reg.get(&name) {
-            Ok(Some(r)) => r,
-            Ok(None) | Err(ctrl_exec::registry::RegistryError::BadName(_)) => {
-                unknown.push(name);
-                continue;
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let stored = rec.port;
-        let port = port.unwrap_or(match port_flag {
-            Some(p) if stored == DEFAULT_PORT => p,
-            _ => stored,
-        });
-        out.push(Target { name: name.clone(), addr: rec.connect_addr().to_string(), port });
-    }
-    if !unknown.is_empty() {
-        return Err(Fail::new(format!(
-            "unknown agent(s): {}; run 'ctrl-exec list-agents' to see registered agents",
-            unknown.join(", ")
-        )));
-    }
-    Ok(out)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -185,7 +137,7 @@ fn prepare(
     script: &str,
     args: &[String],
     json_out: bool,
-) -> Result<Result<Dispatch, u8>, Fail> {
+) -> Result<Result<Prepared, u8>, Fail> {
     let cfg = common::load_dispatcher(config)?;
     common::init_audit("ctrl-exec-dispatcher", &cfg.log, log_stderr);
     let username = username.or_else(|| std::env::var("USER").ok()).unwrap_or_default();
@@ -212,33 +164,13 @@ fn prepare(
         }
         return Ok(Err(EXIT_FAIL));
     }
-    let targets = resolve(&Registry::new(&cfg.registry_dir), &typed, port)?;
-    let ctx = ctrl_exec::tls::client_context(&cfg.cert, &cfg.key, &cfg.ca)
-        .map_err(|e| Fail::new(format!("cannot load the dispatcher identity: {e}")))?;
-    let cache = cfg
-        .tls_session_cache
-        .as_ref()
-        .and_then(|dir| std::fs::read(&cfg.cert).ok().and_then(|pem| client::SessionCache::open(dir, &pem)));
-    Ok(Ok(Dispatch { cfg, ctx, targets, cache, username, token, reqid }))
-}
-
-fn timeouts(cfg: &DispatcherConfig) -> Timeouts {
-    Timeouts { connect: cfg.connect_timeout, read: cfg.read_timeout }
-}
-
-fn rtt(d: Duration) -> String {
-    format!("{}ms", d.as_millis())
-}
-
-/// The error text for a non-2xx agent reply.
-fn status_error(code: u16, body: &Option<Object>) -> String {
-    let agent_err = body.as_ref().and_then(|o| get_str(o, "error")).unwrap_or_default();
-    match code {
-        403 => format!("forbidden: {agent_err}"),
-        413 => "request too large".into(),
-        _ if agent_err.is_empty() => format!("{code} {}", ctrl_exec::http::phrase(code)),
-        _ => format!("{code} {}: {agent_err}", ctrl_exec::http::phrase(code)),
-    }
+    let targets = dispatch::resolve(&Registry::new(&cfg.registry_dir), &typed, port).map_err(|e| match e {
+        ResolveError::BadPort(_) => Fail::usage(e.to_string()),
+        ResolveError::Unknown(_) => Fail::new(format!("{e}; run 'ctrl-exec list-agents' to see registered agents")),
+        ResolveError::Registry(_) => Fail::new(e.to_string()),
+    })?;
+    let engine = Engine::open(cfg, true).map_err(|e| Fail::new(format!("cannot load the dispatcher identity: {e}")))?;
+    Ok(Ok(Prepared { engine, targets, username, token, reqid }))
 }
 
 fn run(a: RunArgs, script_args: Vec<String>) -> AppResult {
@@ -251,7 +183,7 @@ fn run(a: RunArgs, script_args: Vec<String>) -> AppResult {
             "no host given for script '{script}' (usage: run <host>... <script> [-- <arg>...])"
         )));
     }
-    let d = match prepare(
+    let p = match prepare(
         &a.config,
         a.log_stderr,
         words,
@@ -263,117 +195,25 @@ fn run(a: RunArgs, script_args: Vec<String>) -> AppResult {
         &script_args,
         a.json,
     )? {
-        Ok(d) => d,
+        Ok(p) => p,
         Err(code) => return Ok(code),
     };
-    let args_json = json::to_string(&str_array(&script_args));
-    let user = if d.username.is_empty() { "(none)".to_string() } else { d.username.clone() };
-    let names: Vec<&str> = d.targets.iter().map(|t| t.name.as_str()).collect();
-    audit::info(
-        "dispatch",
-        &[
-            ("SCRIPT", &script),
-            ("HOSTS", &names.join(",")),
-            ("REQID", &d.reqid),
-            ("MODE", "sync"),
-            ("USER", &user),
-            ("ARGS", &args_json),
-        ],
-    );
-    let body = Obj::new()
-        .s("script", &script)
-        .v("args", str_array(&script_args))
-        .s("reqid", &d.reqid)
-        .s("username", &d.username)
-        .s("token", &d.token)
-        .to_json();
-    let tmo = timeouts(&d.cfg);
+    let req = RunRequest { script, args: script_args, reqid: p.reqid, username: p.username, token: p.token };
     let mut results = Array::new();
     let mut all_ok = true;
-    smol::block_on(ctrl_exec::fanout::for_each(
-        d.targets.iter(),
-        d.cfg.max_parallel,
-        |t| {
-            let (ctx, body, cache) = (&d.ctx, &body, d.cache.as_ref());
-            async move {
-                let start = Instant::now();
-                let r = client::call(ctx, t, "POST", "/run", Some(body), tmo, cache).await;
-                (t, start.elapsed(), r)
-            }
-        },
-        |(t, took, r)| {
-            let res = run_result(t, &script, &d.reqid, took, r);
-            let exit = get_i64(&res, "exit").unwrap_or(-1);
-            let target = t.display();
-            let rt = rtt(took);
-            let mut fields = vec![
-                ("SCRIPT", script.as_str()),
-                ("TARGET", target.as_str()),
-                ("RTT", rt.as_str()),
-                ("REQID", d.reqid.as_str()),
-                ("USER", user.as_str()),
-                ("ARGS", args_json.as_str()),
-            ];
-            let exit_s = exit.to_string();
-            match get_str(&res, "error") {
-                Some(e) if !res.contains_key("stdout") => {
-                    fields.push(("ERROR", &e));
-                    audit::err("run", &fields);
-                }
-                _ => {
-                    fields.push(("EXIT", &exit_s));
-                    audit::info("run", &fields);
-                }
-            }
-            if exit != 0 {
-                all_ok = false;
-            }
-            if !a.json {
-                print_run(&res);
-            }
-            results.push(Value::Object(res));
-        },
-    ));
+    smol::block_on(p.engine.run(&p.targets, &req, |res| {
+        if get_i64(&res, "exit") != Some(0) {
+            all_ok = false;
+        }
+        if !a.json {
+            print_run(&res);
+        }
+        results.push(Value::Object(res));
+    }));
     if a.json {
         println!("{}", Obj::new().b("ok", true).v("results", Value::Array(results)).to_json());
     }
     Ok(if all_ok { EXIT_OK } else { EXIT_FAIL })
-}
-
-fn run_result(
-    t: &Target,
-    script: &str,
-    reqid: &str,
-    took: Duration,
-    r: Result<ctrl_exec::http::Response, client::CallError>,
-) -> Object {
-    let fail = |error: String| {
-        Obj::new()
-            .s("host", &t.name)
-            .s("script", script)
-            .i("exit", -1)
-            .s("error", error)
-            .s("reqid", reqid)
-            .s("rtt", rtt(took))
-            .0
-    };
-    let resp = match r {
-        Ok(resp) => resp,
-        Err(e) => return fail(e.describe(t)),
-    };
-    let body = parse_object(&String::from_utf8_lossy(&resp.body));
-    if !(200..300).contains(&resp.code) {
-        return fail(status_error(resp.code, &body));
-    }
-    let Some(mut o) = body else {
-        return fail("invalid JSON response".into());
-    };
-    o.insert("host".into(), Value::String(t.name.clone()));
-    o.insert("rtt".into(), Value::String(rtt(took)));
-    o.entry("reqid".into()).or_insert_with(|| Value::String(reqid.into()));
-    o.entry("script".into()).or_insert_with(|| Value::String(script.into()));
-    o.entry("exit".into()).or_insert_with(|| ctrl_exec::wire::int(-1));
-    o
 }
 
 fn print_run(res: &Object) {
@@ -413,72 +253,29 @@ fn ping(a: PingArgs) -> AppResult {
     if a.hosts.is_empty() {
         return Err(Fail::usage("usage: ping <host>[:<port>]..."));
     }
-    let d = match prepare(&a.config, a.log_stderr, a.hosts, a.port, a.username, a.token, "ping", "", &[], a.json)? {
-        Ok(d) => d,
+    let p = match prepare(&a.config, a.log_stderr, a.hosts, a.port, a.username, a.token, "ping", "", &[], a.json)? {
+        Ok(p) => p,
         Err(code) => return Ok(code),
     };
-    let body = Obj::new().s("reqid", &d.reqid).to_json();
-    let tmo = timeouts(&d.cfg);
     let mut results = Array::new();
     let mut failed = 0usize;
     if !a.json {
         println!("{:<30}  {:<8}  {:<8}  {:<28}  VERSION", "HOST", "STATUS", "RTT", "CERT EXPIRY");
         println!("{}", "-".repeat(85));
     }
-    smol::block_on(ctrl_exec::fanout::for_each(
-        d.targets.iter(),
-        d.cfg.max_parallel,
-        |t| {
-            let (ctx, body, cache) = (&d.ctx, &body, d.cache.as_ref());
-            async move {
-                let start = Instant::now();
-                let r = client::call(ctx, t, "POST", "/ping", Some(body), tmo, cache).await;
-                (t, start.elapsed(), r)
-            }
-        },
-        |(t, took, r)| {
-            let res = ping_result(t, took, r);
-            let target = t.display();
-            let rt = rtt(took);
-            if get_str(&res, "status").as_deref() == Some("ok") {
-                audit::info("ping", &[("TARGET", &target), ("RESULT", "ok"), ("RTT", &rt), ("REQID", &d.reqid)]);
-            } else {
-                failed += 1;
-                let e = get_str(&res, "error").unwrap_or_default();
-                audit::err("ping", &[("TARGET", &target), ("ERROR", &e), ("RTT", &rt), ("REQID", &d.reqid)]);
-            }
-            if !a.json {
-                print_ping(&res);
-            }
-            results.push(Value::Object(res));
-        },
-    ));
+    smol::block_on(p.engine.ping(&p.targets, &p.reqid, |res| {
+        if get_str(&res, "status").as_deref() != Some("ok") {
+            failed += 1;
+        }
+        if !a.json {
+            print_ping(&res);
+        }
+        results.push(Value::Object(res));
+    }));
     if a.json {
         println!("{}", Obj::new().b("ok", true).v("results", Value::Array(results)).to_json());
     }
     Ok(if failed == 0 { EXIT_OK } else { EXIT_FAIL })
-}
-
-fn ping_result(t: &Target, took: Duration, r: Result<ctrl_exec::http::Response, client::CallError>) -> Object {
-    let fail =
-        |error: String| Obj::new().s("host", &t.name).s("status", "error").s("error", error).s("rtt", rtt(took)).0;
-    let resp = match r {
-        Ok(resp) => resp,
-        Err(e) => return fail(e.describe(t)),
-    };
-    let body = parse_object(&String::from_utf8_lossy(&resp.body));
-    if !(200..300).contains(&resp.code) {
-        return fail(status_error(resp.code, &body));
-    }
-    let Some(mut o) = body else {
-        return fail("invalid JSON response".into());
-    };
-    if let Some(reported) = get_str(&o, "host").filter(|h| *h != t.name) {
-        o.insert("reported_hostname".into(), Value::String(reported));
-    }
-    o.insert("host".into(), Value::String(t.name.clone()));
-    o.insert("rtt".into(), Value::String(rtt(took)));
-    o
 }
 
 fn print_ping(res: &Object) {

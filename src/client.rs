@@ -125,9 +125,12 @@ async fn addresses(t: &Target) -> Result<Vec<SocketAddr>, CallError> {
 /// session). Files are 0600 in a 0700 directory: a session is worth as much
 /// as the dispatcher key until the agent renews its ticket keys (hourly). Losing
 /// or corrupting the cache only costs a full handshake, so writes skip fsync.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct SessionCache {
-    dir: PathBuf,
+    /// Files on disk (one-shot CLI processes), or `None` for memory only
+    /// (a long-running server, which never needs to write them out).
+    dir: Option<PathBuf>,
+    mem: std::cell::RefCell<std::collections::HashMap<String, Vec<u8>>>,
 }
 
 impl SessionCache {
@@ -137,29 +140,53 @@ impl SessionCache {
         let id = crate::wire::hex(&openssl::sha::sha256(cert_pem)[..8]);
         let dir = base.join(id);
         crate::fsutil::ensure_dir(&dir, 0o700).ok()?;
-        Some(SessionCache { dir })
+        Some(SessionCache { dir: Some(dir), mem: Default::default() })
     }
 
-    fn file(&self, t: &Target) -> PathBuf {
+    /// A cache that lives as long as this process.
+    pub fn in_memory() -> SessionCache {
+        SessionCache { dir: None, mem: Default::default() }
+    }
+
+    /// File name (and memory key) for a target.
+    fn key(t: &Target) -> String {
         let addr: String =
             t.addr.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' }).collect();
         let tag = crate::wire::hex(&openssl::sha::sha256(format!("{}\n{}", t.addr, t.port).as_bytes())[..4]);
-        self.dir.join(format!("{addr}_{}-{tag}.der", t.port))
+        format!("{addr}_{}-{tag}.der", t.port)
     }
 
     /// The saved session for `t`, if any.
     pub fn load(&self, t: &Target) -> Option<SslSession> {
-        SslSession::from_der(&std::fs::read(self.file(t)).ok()?).ok()
+        let der = match &self.dir {
+            Some(d) => std::fs::read(d.join(Self::key(t))).ok()?,
+            None => self.mem.borrow().get(&Self::key(t))?.clone(),
+        };
+        SslSession::from_der(&der).ok()
     }
 
     /// Save a session for `t` (best effort).
     pub fn store(&self, t: &Target, der: &[u8]) {
-        let _ = crate::fsutil::atomic_write_nosync(&self.file(t), der, 0o600);
+        match &self.dir {
+            Some(d) => {
+                let _ = crate::fsutil::atomic_write_nosync(&d.join(Self::key(t)), der, 0o600);
+            }
+            None => {
+                self.mem.borrow_mut().insert(Self::key(t), der.to_vec());
+            }
+        }
     }
 
     /// Drop the session for `t`.
     pub fn forget(&self, t: &Target) {
-        let _ = std::fs::remove_file(self.file(t));
+        match &self.dir {
+            Some(d) => {
+                let _ = std::fs::remove_file(d.join(Self::key(t)));
+            }
+            None => {
+                self.mem.borrow_mut().remove(&Self::key(t));
+            }
+        }
     }
 }
 

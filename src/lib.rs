@@ -18,6 +18,7 @@
 //! | [`registry`] | the dispatcher's agent records |
 //! | [`fsutil`] | atomic writes and file locks used by every state file |
 //! | [`client`], [`fanout`] | the dispatcher's per-host call and its bounded fan-out |
+//! | [`dispatch`] | operations on many agents, shared by the CLI and the API server |
 //! | [`server`] | the agent's handling of one authenticated connection |
 //! | [`bundle`] | the text-safe enrolment bundle |
 
@@ -27,6 +28,7 @@ pub mod bundle;
 pub mod ca;
 pub mod client;
 pub mod config;
+pub mod dispatch;
 pub mod error;
 pub mod exec;
 pub mod fanout;

@@ -1,0 +1,333 @@
+//! The dispatcher's operations on many agents: resolve names through the
+//! registry, fan out one request per host, turn every reply (or failure)
+//! into a result object, and log each host's outcome.
+//!
+//! The CLI and the API server both drive these; they differ only in how they
+//! authorise, present and store results. Result objects keep upstream's
+//! shapes (wire.md §2.10): a run result is the agent's reply plus `host`,
+//! `rtt` and `reqid`, or `{host, script, exit: -1, error, rtt, reqid}`.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use miniserde::json::{self, Object, Value};
+use openssl::ssl::SslContext;
+
+use crate::audit;
+use crate::client::{self, CallError, SessionCache, Target, Timeouts};
+use crate::config::DispatcherConfig;
+use crate::http::Response;
+use crate::registry::{DEFAULT_PORT, Registry, RegistryError};
+use crate::wire::{Obj, get_i64, get_str, parse_object, str_array};
+
+/// Why host names could not be resolved.
+#[derive(Debug)]
+pub enum ResolveError {
+    /// `name:port` with a bad port.
+    BadPort(String),
+    /// Names that are not registered agents.
+    Unknown(Vec<String>),
+    /// The registry could not be read.
+    Registry(RegistryError),
+}
+
+impl std::fmt::Display for ResolveError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ResolveError::BadPort(t) => write!(f, "invalid port in '{t}' (expected <host>:<1-65535>)"),
+            ResolveError::Unknown(n) => write!(f, "unknown agent(s): {}", n.join(", ")),
+            ResolveError::Registry(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+fn split_port(typed: &str) -> Result<(String, Option<u16>), ResolveError> {
+    match typed.rsplit_once(':') {
+        Some((name, p)) => match p.parse::<u16>() {
+            Ok(port) if port > 0 && p.starts_with(|c: char| c.is_ascii_digit()) => Ok((name.to_string(), Some(port))),
+            _ => Err(ResolveError::BadPort(typed.to_string())),
+        },
+        None => Ok((typed.to_string(), None)),
+    }
+}
+
+/// Registry-only resolution: every name (optionally `name:port`) must be a
+/// registered agent; duplicates are dropped. `port_flag` replaces the port of
+/// agents registered on the default port.
+pub fn resolve(reg: &Registry, typed: &[String], port_flag: Option<u16>) -> Result<Vec<Target>, ResolveError> {
+    let mut out: Vec<Target> = Vec::new();
+    let mut unknown = Vec::new();
+    for t in typed {
+        let (name, port) = split_port(t)?;
+        if out.iter().any(|x| x.name == name) || unknown.contains(&name) {
+            continue;
+        }
+        let rec = match reg.get(&name) {
+            Ok(Some(r)) => r,
+            Ok(None) | Err(RegistryError::BadName(_)) => {
+                unknown.push(name);
+                continue;
+            }
+            Err(e) => return Err(ResolveError::Registry(e)),
+        };
+        let stored = rec.port;
+        let port = port.unwrap_or(match port_flag {
+            Some(p) if stored == DEFAULT_PORT => p,
+            _ => stored,
+        });
+        out.push(Target { name, addr: rec.connect_addr().to_string(), port });
+    }
+    if unknown.is_empty() { Ok(out) } else { Err(ResolveError::Unknown(unknown)) }
+}
+
+/// What a run request carries to every host.
+#[derive(Debug, Clone, Default)]
+pub struct RunRequest {
+    /// Allowlist name.
+    pub script: String,
+    /// Arguments, verbatim.
+    pub args: Vec<String>,
+    /// One id for the whole operation.
+    pub reqid: String,
+    /// Advisory identity.
+    pub username: String,
+    /// Credential forwarded to the agent hook and the script.
+    pub token: String,
+}
+
+/// The dispatcher's identity and settings, ready to contact agents.
+pub struct Engine {
+    /// ctrl-exec.conf.
+    pub cfg: DispatcherConfig,
+    ctx: SslContext,
+    cache: Option<SessionCache>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("cfg", &self.cfg.path).finish()
+    }
+}
+
+/// `"42ms"`.
+pub fn rtt(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
+}
+
+/// The error text for a non-2xx agent reply (upstream's wording).
+pub fn status_error(code: u16, body: &Option<Object>) -> String {
+    let agent_err = body.as_ref().and_then(|o| get_str(o, "error")).unwrap_or_default();
+    match code {
+        403 => format!("forbidden: {agent_err}"),
+        413 => "request too large".into(),
+        _ if agent_err.is_empty() => format!("{code} {}", crate::http::phrase(code)),
+        _ => format!("{code} {}: {agent_err}", crate::http::phrase(code)),
+    }
+}
+
+/// A 2xx reply's JSON object, or the operator text for what went wrong.
+fn reply_object(t: &Target, r: Result<Response, CallError>) -> Result<Object, String> {
+    let resp = r.map_err(|e| e.describe(t))?;
+    let body = parse_object(&String::from_utf8_lossy(&resp.body));
+    if !(200..300).contains(&resp.code) {
+        return Err(status_error(resp.code, &body));
+    }
+    body.ok_or_else(|| "invalid JSON response".to_string())
+}
+
+/// The result object of one host's run.
+pub fn run_result(t: &Target, script: &str, reqid: &str, took: Duration, r: Result<Response, CallError>) -> Object {
+    match reply_object(t, r) {
+        Ok(mut o) => {
+            o.insert("host".into(), Value::String(t.name.clone()));
+            o.insert("rtt".into(), Value::String(rtt(took)));
+            o.entry("reqid".into()).or_insert_with(|| Value::String(reqid.into()));
+            o.entry("script".into()).or_insert_with(|| Value::String(script.into()));
+            o.entry("exit".into()).or_insert_with(|| crate::wire::int(-1));
+            o
+        }
+        Err(error) => {
+            Obj::new()
+                .s("host", &t.name)
+                .s("script", script)
+                .i("exit", -1)
+                .s("error", error)
+                .s("reqid", reqid)
+                .s("rtt", rtt(took))
+                .0
+        }
+    }
+}
+
+/// The result object of a host that answered `/ping` or `/capabilities`:
+/// the agent's reply with `host` set to the registry name (and
+/// `reported_hostname` when the agent calls itself something else).
+fn status_result(t: &Target, took: Duration, r: Result<Response, CallError>) -> Object {
+    match reply_object(t, r) {
+        Ok(mut o) => {
+            if let Some(reported) = get_str(&o, "host").filter(|h| *h != t.name) {
+                o.insert("reported_hostname".into(), Value::String(reported));
+            }
+            o.insert("host".into(), Value::String(t.name.clone()));
+            o.insert("rtt".into(), Value::String(rtt(took)));
+            o
+        }
+        Err(error) => Obj::new().s("host", &t.name).s("status", "error").s("error", error).s("rtt", rtt(took)).0,
+    }
+}
+
+fn user_or_none(u: &str) -> &str {
+    if u.is_empty() { "(none)" } else { u }
+}
+
+impl Engine {
+    /// Load the dispatcher identity; `persistent_cache` keeps TLS sessions in
+    /// `tls_session_cache` (one-shot CLI) rather than in memory only (server).
+    pub fn open(cfg: DispatcherConfig, persistent_cache: bool) -> Result<Engine, crate::tls::TlsError> {
+        let ctx = crate::tls::client_context(&cfg.cert, &cfg.key, &cfg.ca)?;
+        let cache = match (&cfg.tls_session_cache, persistent_cache) {
+            (None, _) => None,
+            (Some(dir), true) => std::fs::read(&cfg.cert).ok().and_then(|pem| SessionCache::open(dir, &pem)),
+            (Some(_), false) => Some(SessionCache::in_memory()),
+        };
+        Ok(Engine { cfg, ctx, cache })
+    }
+
+    /// The registry.
+    pub fn registry(&self) -> Registry {
+        Registry::new(&self.cfg.registry_dir)
+    }
+
+    fn timeouts(&self) -> Timeouts {
+        Timeouts { connect: self.cfg.connect_timeout, read: self.cfg.read_timeout }
+    }
+
+    async fn fan<R>(
+        &self,
+        targets: &[Target],
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        mut done: impl FnMut(&Target, Duration, Result<Response, CallError>) -> R,
+    ) {
+        let tmo = self.timeouts();
+        crate::fanout::for_each(
+            targets.iter(),
+            self.cfg.max_parallel,
+            |t| async move {
+                let start = Instant::now();
+                let r = client::call(&self.ctx, t, method, path, body, tmo, self.cache.as_ref()).await;
+                (t, start.elapsed(), r)
+            },
+            |(t, took, r)| {
+                done(t, took, r);
+            },
+        )
+        .await
+    }
+
+    /// Run a script on every target; `done` gets each result as it completes.
+    pub async fn run(&self, targets: &[Target], req: &RunRequest, mut done: impl FnMut(Object)) {
+        let args_json = json::to_string(&str_array(&req.args));
+        let user = user_or_none(&req.username);
+        let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
+        audit::info(
+            "dispatch",
+            &[
+                ("SCRIPT", &req.script),
+                ("HOSTS", &names.join(",")),
+                ("REQID", &req.reqid),
+                ("MODE", "sync"),
+                ("USER", user),
+                ("ARGS", &args_json),
+            ],
+        );
+        let body = Obj::new()
+            .s("script", &req.script)
+            .v("args", str_array(&req.args))
+            .s("reqid", &req.reqid)
+            .s("username", &req.username)
+            .s("token", &req.token)
+            .to_json();
+        self.fan(targets, "POST", "/run", Some(&body), |t, took, r| {
+            let res = run_result(t, &req.script, &req.reqid, took, r);
+            let (target, rt) = (t.display(), rtt(took));
+            let exit = get_i64(&res, "exit").unwrap_or(-1).to_string();
+            let mut fields = vec![
+                ("SCRIPT", req.script.as_str()),
+                ("TARGET", target.as_str()),
+                ("RTT", rt.as_str()),
+                ("REQID", req.reqid.as_str()),
+                ("USER", user),
+                ("ARGS", args_json.as_str()),
+            ];
+            match get_str(&res, "error") {
+                // A transport failure or an agent refusal (no output): ERROR.
+                Some(e) if !res.contains_key("stdout") => {
+                    fields.push(("ERROR", &e));
+                    audit::err("run", &fields);
+                }
+                _ => {
+                    fields.push(("EXIT", &exit));
+                    audit::info("run", &fields);
+                }
+            }
+            done(res);
+        })
+        .await
+    }
+
+    /// Ping every target.
+    pub async fn ping(&self, targets: &[Target], reqid: &str, mut done: impl FnMut(Object)) {
+        let body = Obj::new().s("reqid", reqid).to_json();
+        self.fan(targets, "POST", "/ping", Some(&body), |t, took, r| {
+            let res = status_result(t, took, r);
+            let (target, rt) = (t.display(), rtt(took));
+            if get_str(&res, "status").as_deref() == Some("ok") {
+                audit::info("ping", &[("TARGET", &target), ("RESULT", "ok"), ("RTT", &rt), ("REQID", reqid)]);
+            } else {
+                let e = get_str(&res, "error").unwrap_or_default();
+                audit::err("ping", &[("TARGET", &target), ("ERROR", &e), ("RTT", &rt), ("REQID", reqid)]);
+            }
+            done(res);
+        })
+        .await
+    }
+
+    /// Ask every target for its scripts and tags; cache the tags of those
+    /// that answered in the registry (for `list-agents --tags`).
+    pub async fn capabilities(&self, targets: &[Target], mut done: impl FnMut(Object)) {
+        let tags: RefCell<HashMap<String, Value>> = RefCell::new(HashMap::new());
+        self.fan(targets, "GET", "/capabilities", None, |t, took, r| {
+            let res = status_result(t, took, r);
+            let (target, rt) = (t.display(), rtt(took));
+            if get_str(&res, "status").as_deref() == Some("ok") {
+                let n = match res.get("scripts") {
+                    Some(Value::Array(a)) => a.len(),
+                    _ => 0,
+                };
+                audit::info("capabilities", &[("TARGET", &target), ("SCRIPTS", &n.to_string()), ("RTT", &rt)]);
+                if let Some(t_obj @ Value::Object(_)) = res.get("tags") {
+                    tags.borrow_mut().insert(t.name.clone(), t_obj.clone());
+                }
+            } else {
+                let e = get_str(&res, "error").unwrap_or_default();
+                audit::err("capabilities", &[("TARGET", &target), ("ERROR", &e), ("RTT", &rt)]);
+            }
+            done(res);
+        })
+        .await;
+        let reg = self.registry();
+        let Ok(_lock) = reg.lock() else { return };
+        for (name, value) in tags.into_inner() {
+            if let Ok(Some(mut rec)) = reg.get(&name) {
+                if rec.raw.get("tags").map(json::to_string) == Some(json::to_string(&value)) {
+                    continue;
+                }
+                rec.raw.insert("tags".into(), value);
+                let _ = reg.put(&rec);
+            }
+        }
+    }
+}
