@@ -20,9 +20,12 @@ build: prereqs
 release: prereqs
 	$(CARGO) build --release
 
-# Unit tests beside the code, end-to-end tests in tests/ (real binary, loopback).
+# Unit tests beside the code, end-to-end tests in tests/ (real binary, loopback),
+# then the OpenAPI document and the API responses the tests captured.
 test: prereqs
+	rm -rf target/tmp/api-captures
 	$(CARGO) test
+	python3 scripts/check-openapi.py docs/openapi.json target/tmp/api-captures
 
 lint:
 	$(CARGO) fmt --check

@@ -364,11 +364,7 @@ async fn accept_loop(
                 }
                 live.set(live.get() + 1);
                 let guard = Live(live.clone());
-                ex.spawn(async move {
-                    let _g = guard;
-                    connection(tcp, addr, &tls, &state).await;
-                })
-                .detach();
+                ex.spawn(async move { connection(tcp, addr, &tls, &state, guard).await }).detach();
             }
             Event::Conn(Err(e)) => {
                 // Out of descriptors or an aborted connection: wait and go on.
@@ -451,7 +447,9 @@ async fn handshake(tcp: Async<TcpStream>, addr: &SocketAddr, tls: &SslContext, l
     }
 }
 
-async fn connection(tcp: Async<TcpStream>, addr: SocketAddr, tls: &SslContext, state: &AgentState) {
+/// One connection; `live` is released once the reply is written (the
+/// lingering close after it does not hold one of the `max_children` slots).
+async fn connection(tcp: Async<TcpStream>, addr: SocketAddr, tls: &SslContext, state: &AgentState, live: Live) {
     // One deadline covers the handshake and the request together.
     let deadline = Instant::now() + state.config.request_timeout;
     let Some(mut s) = handshake(tcp, &addr, tls, state.config.request_timeout).await else {
@@ -459,6 +457,7 @@ async fn connection(tcp: Async<TcpStream>, addr: SocketAddr, tls: &SslContext, s
     };
     let peer = Peer::new(peer_ip(&addr), s.peer_serial_raw(), s.resumed());
     server::handle(&mut s, &peer, state, deadline).await;
+    drop(live);
     s.close(Duration::from_millis(500)).await;
 }
 

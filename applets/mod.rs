@@ -12,6 +12,7 @@ pub mod agent;
 pub mod ca;
 pub mod cli;
 pub mod common;
+pub mod server;
 
 use ctrl_exec::error::{AppResult, EXIT_FAIL, EXIT_OK, EXIT_USAGE};
 
@@ -27,8 +28,6 @@ pub struct Role {
     pub summary: &'static str,
     /// Entry point: `(program name as invoked, arguments after it)`.
     pub main: fn(&str, &[String]) -> AppResult,
-    /// Part of this build (`--install-links` skips the others).
-    pub built: bool,
 }
 
 /// Every role. The first one is the default.
@@ -39,7 +38,6 @@ pub const ROLES: &[Role] = &[
         sub: "",
         summary: "operator CLI: run, ping, list-agents",
         main: cli::main,
-        built: true,
     },
     Role {
         name: "ctrl-exec-agent",
@@ -47,15 +45,13 @@ pub const ROLES: &[Role] = &[
         sub: "agent",
         summary: "the mTLS agent on each managed host: serve, self-check, install-bundle",
         main: agent::main,
-        built: true,
     },
     Role {
         name: "ctrl-exec-server",
         aliases: &["ctrl-exec-api"],
         sub: "server",
-        summary: "HTTP API for tools and AI agents (not in this version yet)",
-        main: unavailable,
-        built: false,
+        summary: "HTTP API for tools and AI agents: run, ping, discovery, status",
+        main: server::main,
     },
     Role {
         name: "ctrl-exec-ca",
@@ -63,24 +59,11 @@ pub const ROLES: &[Role] = &[
         sub: "ca",
         summary: "the private CA: setup-ca, setup-ctrl-exec, enroll",
         main: ca::main,
-        built: true,
     },
 ];
 
 /// CLI verbs served by the CA role.
 const CA_VERBS: &[&str] = &["setup-ca", "setup-ctrl-exec", "enroll"];
-
-/// Exit status for a role this build does not provide (EX_UNAVAILABLE).
-const EXIT_UNAVAILABLE: u8 = 69;
-
-/// Entry point of a role that is named in the table but not built yet: it
-/// says so plainly instead of being mistaken for the CLI.
-fn unavailable(invoked: &str, _args: &[String]) -> AppResult {
-    Err(ctrl_exec::error::Fail {
-        code: EXIT_UNAVAILABLE,
-        msg: format!("'{invoked}' (the HTTP API server) is not available in ctrl-exec {}", ctrl_exec::VERSION),
-    })
-}
 
 fn basename(p: &str) -> &str {
     p.rsplit('/').next().unwrap_or(p)
@@ -122,7 +105,7 @@ fn install_links(dir: &str) -> u8 {
         }
     };
     let mut code = EXIT_OK;
-    for r in ROLES.iter().skip(1).filter(|r| r.built) {
+    for r in ROLES.iter().skip(1) {
         let link = std::path::Path::new(dir).join(r.name);
         let _ = std::fs::remove_file(&link);
         match std::os::unix::fs::symlink(&exe, &link) {
@@ -178,7 +161,7 @@ pub fn dispatch(argv: Vec<String>) -> u8 {
             _ => {}
         }
     }
-    if first == Some("--version") && role.built {
+    if first == Some("--version") {
         let name = if role.sub.is_empty() { "ctrl-exec" } else { role.name };
         println!("{name} {}", ctrl_exec::VERSION);
         return EXIT_OK;

@@ -10,7 +10,8 @@ command -v cc >/dev/null || missing+=(build-essential)
 command -v make >/dev/null || missing+=(make)
 perl -MIPC::Cmd -e1 2>/dev/null || missing+=(perl)
 command -v openssl >/dev/null || missing+=(openssl)
-[ ${#missing[@]} -eq 0 ] && exit 0
+command -v python3 >/dev/null || missing+=(python3 python3-pip)
+if [ ${#missing[@]} -gt 0 ]; then
 echo "installing build prerequisites: ${missing[*]}" >&2
 if ! command -v apt-get >/dev/null; then
     echo "please install: a C compiler, make, perl (with IPC::Cmd) and openssl" >&2
@@ -20,3 +21,10 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 $SUDO apt-get update -qq
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+# The OpenAPI checks of `make test` (scripts/check-openapi.py), from PyPI.
+if ! python3 -c 'import openapi_spec_validator, jsonschema, referencing' 2>/dev/null; then
+    echo "installing openapi-spec-validator (PyPI)" >&2
+    python3 -m pip install -q --disable-pip-version-check openapi-spec-validator 2>/dev/null ||
+        python3 -m pip install -q --disable-pip-version-check --break-system-packages openapi-spec-validator
+fi

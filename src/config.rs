@@ -431,6 +431,20 @@ pub struct DispatcherConfig {
     pub key_type: KeyType,
     /// Where resumable TLS sessions are kept (`None`: always full handshakes).
     pub tls_session_cache: Option<PathBuf>,
+    /// Run store of the API (and of async runs).
+    pub runs_dir: PathBuf,
+    /// API server listen address.
+    pub api_bind: String,
+    /// API server port.
+    pub api_port: u16,
+    /// API TLS certificate and key (TLS only when both are set and exist).
+    pub api_tls: Option<(PathBuf, PathBuf)>,
+    /// Concurrent API requests before 503.
+    pub api_max_children: usize,
+    /// Without a hook, may API requests pass (`allow`) or not (`deny`)?
+    pub api_auth_default_allow: bool,
+    /// 403 bodies say only "forbidden".
+    pub auth_deny_generic: bool,
     /// Audit sink.
     pub log: LogTarget,
 }
@@ -471,7 +485,26 @@ impl DispatcherConfig {
                 Some((_, e)) if !e.value.is_empty() => Some(raw.resolve(&e.value)),
                 _ => Some(registry_dir.parent().unwrap_or(Path::new("/var/lib/ctrl-exec")).join("tls-sessions")),
             },
+            runs_dir: raw
+                .opt_path("runs_dir")
+                .unwrap_or_else(|| registry_dir.parent().unwrap_or(Path::new("/var/lib/ctrl-exec")).join("runs")),
             registry_dir,
+            api_bind: {
+                let bind = raw.opt_str(&["api_bind"]).unwrap_or_else(|| "127.0.0.1".into());
+                if bind.parse::<std::net::IpAddr>().is_err() {
+                    let e = raw.get(&["api_bind"]);
+                    return Err(raw.err(e, format!("invalid value '{bind}' for 'api_bind': expected an IP address")));
+                }
+                bind
+            },
+            api_port: raw.num(&["api_port"], 7445, 1, 65_535)? as u16,
+            api_tls: match (raw.opt_path("api_cert"), raw.opt_path("api_key")) {
+                (Some(c), Some(k)) if c.exists() && k.exists() => Some((c, k)),
+                _ => None,
+            },
+            api_max_children: raw.num(&["api_max_children"], 64, 1, 65_535)? as usize,
+            api_auth_default_allow: raw.choice("api_auth_default", "deny", &["deny", "allow"])? == "allow",
+            auth_deny_generic: raw.flag("auth_deny_generic", false)?,
             log: raw.log_target()?,
             path: raw.path,
         })

@@ -42,6 +42,10 @@ pub struct Context {
     pub dispatcher_serial: String,
     /// Request id.
     pub reqid: String,
+    /// API gate: the request path (`/run`, `/status/…`).
+    pub path: String,
+    /// `status` action: who submitted the run (`username`, `source_ip`).
+    pub submitter: Option<(String, String)>,
 }
 
 impl Context {
@@ -58,7 +62,14 @@ impl Context {
             .s("dispatcher", &self.dispatcher)
             .s("dispatcher_serial", &self.dispatcher_serial)
             .s("reqid", &self.reqid)
-            .v("submitter", Value::Null)
+            .s("path", &self.path)
+            .v(
+                "submitter",
+                match &self.submitter {
+                    Some((u, ip)) => Obj::new().s("username", u).s("source_ip", ip).into_value(),
+                    None => Value::Null,
+                },
+            )
             .s("timestamp", timestamp)
             .to_json()
     }
@@ -78,8 +89,9 @@ impl Context {
             ("ENVEXEC_DISPATCHER", self.dispatcher.clone()),
             ("ENVEXEC_DISPATCHER_SERIAL", self.dispatcher_serial.clone()),
             ("ENVEXEC_REQID", self.reqid.clone()),
-            ("ENVEXEC_SUBMITTER", String::new()),
-            ("ENVEXEC_SUBMITTER_IP", String::new()),
+            ("ENVEXEC_PATH", self.path.clone()),
+            ("ENVEXEC_SUBMITTER", self.submitter.as_ref().map(|s| s.0.clone()).unwrap_or_default()),
+            ("ENVEXEC_SUBMITTER_IP", self.submitter.as_ref().map(|s| s.1.clone()).unwrap_or_default()),
             ("ENVEXEC_TIMESTAMP", timestamp.to_string()),
         ]
         .into_iter()
@@ -109,6 +121,10 @@ pub enum NoHook {
     CliPass,
     /// Agent: pass silently (mTLS, the serial map and the allowlist gate it).
     AgentPass,
+    /// API with `api_auth_default = allow`: pass, log `REASON=no-hook-allow`.
+    ApiAllow,
+    /// API with `api_auth_default = deny`: deny (code 1), log `REASON=no-hook-deny`.
+    ApiDeny,
 }
 
 /// Reason text for a hook exit status.
@@ -137,8 +153,14 @@ fn log_decision(ctx: &Context, result: &str, level: audit::Level, extra: &[(&str
 /// Ask the hook (if any) whether this request may proceed.
 pub async fn authorize(hook: Option<&Path>, timeout: Duration, ctx: &Context, no_hook: NoHook) -> Decision {
     let Some(path) = hook else {
-        if no_hook == NoHook::CliPass {
-            log_decision(ctx, "pass", audit::Level::Info, &[("REASON", "no-hook-cli")]);
+        match no_hook {
+            NoHook::CliPass => log_decision(ctx, "pass", audit::Level::Info, &[("REASON", "no-hook-cli")]),
+            NoHook::AgentPass => {}
+            NoHook::ApiAllow => log_decision(ctx, "pass", audit::Level::Info, &[("REASON", "no-hook-allow")]),
+            NoHook::ApiDeny => {
+                log_decision(ctx, "deny", audit::Level::Warning, &[("REASON", "no-hook-deny")]);
+                return Decision::Deny { code: 1, reason: "no auth hook configured".into() };
+            }
         }
         return Decision::Allow;
     };

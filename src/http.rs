@@ -23,6 +23,15 @@ pub trait Conn {
     async fn write_all(&mut self, buf: &[u8]) -> io::Result<()>;
 }
 
+impl Conn for smol::Async<std::net::TcpStream> {
+    async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        smol::io::AsyncReadExt::read(self, buf).await
+    }
+    async fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        smol::io::AsyncWriteExt::write_all(self, buf).await
+    }
+}
+
 impl Conn for crate::tls::TlsStream {
     async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         crate::tls::TlsStream::read(self, buf).await
@@ -100,6 +109,7 @@ pub fn phrase(code: u16) -> &'static str {
         413 => "Content Too Large",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
+        501 => "Not Implemented",
         503 => "Service Unavailable",
         _ => "Unknown",
     }

@@ -16,6 +16,7 @@
 //! | [`audit`] | `ACTION=` event lines and the syslog / stderr sinks |
 //! | [`ca`] | keys, CSRs, certificates, signing, pairing codes |
 //! | [`registry`] | the dispatcher's agent records |
+//! | [`runstore`] | the dispatcher's run records (`/status`) |
 //! | [`fsutil`] | atomic writes and file locks used by every state file |
 //! | [`client`], [`fanout`] | the dispatcher's per-host call and its bounded fan-out |
 //! | [`dispatch`] | operations on many agents, shared by the CLI and the API server |
@@ -36,6 +37,7 @@ pub mod fsutil;
 pub mod hook;
 pub mod http;
 pub mod registry;
+pub mod runstore;
 pub mod server;
 pub mod time;
 pub mod tls;

@@ -125,6 +125,22 @@ pub fn server_context(cert: &Path, key: &Path, ca: &Path, ticket_lifetime: Durat
     Ok(b.build())
 }
 
+/// Context for a server that does not ask for client certificates (the
+/// API server's optional TLS): same policy, our certificate and key only.
+pub fn plain_server_context(cert: &Path, key: &Path) -> Result<SslContext, TlsError> {
+    let mut b = policy(SslMethod::tls_server())?;
+    let e = |p: &Path, what: &str, err: openssl::error::ErrorStack| {
+        TlsError(format!("cannot use {what} {}: {err}", p.display()))
+    };
+    b.set_certificate_chain_file(cert).map_err(|err| e(cert, "certificate", err))?;
+    b.set_private_key_file(key, openssl::ssl::SslFiletype::PEM).map_err(|err| e(key, "private key", err))?;
+    b.check_private_key().map_err(|_| {
+        TlsError(format!("private key {} does not belong to certificate {}", key.display(), cert.display()))
+    })?;
+    b.set_verify(SslVerifyMode::NONE);
+    Ok(b.build())
+}
+
 /// Context for an mTLS client (the dispatcher): our cert presented, the
 /// server verified against `ca` only, host name not checked.
 pub fn client_context(cert: &Path, key: &Path, ca: &Path) -> Result<SslContext, TlsError> {

@@ -284,14 +284,6 @@ fn arguments_that_are_not_utf8_are_refused_not_altered() {
 }
 
 #[test]
-fn the_api_server_role_says_it_is_not_in_this_build() {
-    for o in [run_as("ctrl-exec-api", &["--port", "1"]), Command::new(bin()).args(["server"]).output().unwrap()] {
-        assert_eq!(o.status.code(), Some(69), "EX_UNAVAILABLE, not the CLI");
-        assert!(stderr(&o).contains("HTTP API server) is not available"), "{}", stderr(&o));
-    }
-}
-
-#[test]
 fn a_staged_certificate_is_promoted_only_when_it_fits() {
     let d = Dispatcher::new();
     let a = d.enroll("web1");

@@ -318,3 +318,93 @@ pub fn reqids(log: &str, action: &str) -> Vec<String> {
         .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("REQID=")).map(String::from))
         .collect()
 }
+
+/// A running API server (`ctrl-exec server`) of a dispatcher.
+pub struct Api {
+    pub port: u16,
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl Api {
+    /// Start the API of `d` on a fresh port (`extra` is appended to its config first).
+    pub fn start(d: &Dispatcher, extra: &str) -> Api {
+        let port = free_port();
+        let mut f = std::fs::OpenOptions::new().append(true).open(&d.conf).unwrap();
+        writeln!(f, "api_port = {port}\n{extra}").unwrap();
+        let log = d.path().join(format!("api-{port}.log"));
+        let child = d
+            .cmd(&["server", "--log-stderr"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let api = Api { port, log, child };
+        let t = Instant::now();
+        while !api.log().contains("ACTION=api-start") {
+            assert!(t.elapsed() < Duration::from_secs(10), "API did not start: {}", api.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        api
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// One plain-HTTP exchange: (status, body).
+    pub fn call(&self, method: &str, path: &str, headers: &[&str], body: Option<&str>) -> (u16, String) {
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+        for h in headers {
+            req.push_str(h);
+            req.push_str("\r\n");
+        }
+        if let Some(b) = body {
+            req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", b.len()));
+        }
+        req.push_str("\r\n");
+        if let Some(b) = body {
+            req.push_str(b);
+        }
+        self.raw(req.as_bytes())
+    }
+
+    /// Raw bytes in, (status, body) out.
+    pub fn raw(&self, bytes: &[u8]) -> (u16, String) {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let _ = s.write_all(bytes);
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        split_reply(&String::from_utf8_lossy(&out))
+    }
+
+    /// A POST /run to an API on `port`, from another thread.
+    pub fn raw_port(port: u16, body: &str) -> (u16, String) {
+        let req = format!(
+            "POST /run HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        split_reply(&String::from_utf8_lossy(&out))
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        self.call("GET", path, &[], None)
+    }
+
+    pub fn post(&self, path: &str, body: &str) -> (u16, String) {
+        self.call("POST", path, &[], Some(body))
+    }
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
