@@ -276,10 +276,7 @@ fn generic_denials_and_overload() {
     assert_eq!((c, b.as_str()), (403, r#"{"error":"forbidden","ok":false}"#));
     // one slow request holds the only slot: the next one gets 503
     let port = api.port;
-    let slow = std::thread::spawn(move || {
-        let api2 = Api::raw_port(port, r#"{"hosts":["a1"],"script":"hold","token":"ok"}"#);
-        api2
-    });
+    let slow = std::thread::spawn(move || Api::raw_port(port, r#"{"hosts":["a1"],"script":"hold","token":"ok"}"#));
     let t = std::time::Instant::now();
     while !started.exists() {
         if slow.is_finished() {
