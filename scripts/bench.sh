@@ -135,6 +135,24 @@ fi
 AGENTS_RSS=0
 for p in "${PIDS[@]}"; do AGENTS_RSS=$((AGENTS_RSS + $(rss_kib "$p"))); done
 
+# The API server: 32 clients keep POST /run busy against 10 of the agents.
+cargo build --release --quiet --bench api_load
+LOADGEN=$(ls -t target/release/deps/api_load-* | grep -v '\.d$' | head -n1)
+API_PORT=$(free_port)
+{ echo "api_port = $API_PORT"; echo "api_auth_default = allow"; } >> "$CTRL_EXEC_CONFIG"
+"$BIN" server 2>>"$WORK/api.log" >/dev/null &
+API_PID=$!
+PIDS+=("$API_PID")
+wait_port "$API_PORT"
+API_RSS_IDLE=$(rss_kib "$API_PID")
+"$LOADGEN" "$API_PORT" 32 3 "${NAMES[@]:0:10}" >/dev/null # warm-up: TLS sessions to the agents
+"$LOADGEN" "$API_PORT" 32 "${API_SECS:-10}" "${NAMES[@]:0:10}" > "$WORK/load" &
+LOAD_PID=$!
+sleep $(( ${API_SECS:-10} / 2 ))
+API_RSS_LOAD=$(rss_kib "$API_PID")
+wait "$LOAD_PID"
+API_LOAD=$(cat "$WORK/load")
+
 # Per target: whatever `make cross` / `make static` has built.
 TARGET_ROWS=""
 while read -r name triple _; do
@@ -177,6 +195,8 @@ binary: $BIN
   ${FANOUT} agents' RSS together               $((AGENTS_RSS / 1024)) MiB
   binary size                             ${SIZE} bytes (gzip -9: ${GZ} bytes)
   mips agent idle under qemu-mips-static  ${MIPS_RSS}
+  API POST /run, 32 clients, 10 agents    ${API_LOAD}   (targets: >= 1000 rps, median <= 25 ms)
+  API server RSS, idle / under that load  ${API_RSS_IDLE} / ${API_RSS_LOAD} KiB
 
 per target (static, release profile: opt-level z, LTO, panic=abort, stripped, trimmed OpenSSL):
 ${TARGET_ROWS}

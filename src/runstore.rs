@@ -38,7 +38,9 @@ impl RunStore {
             return Err(FsError::new("write", &self.dir, std::io::Error::other("invalid request id")));
         };
         fsutil::ensure_dir(&self.dir, 0o750)?;
-        fsutil::atomic_write(&path, json::to_string(record).as_bytes(), 0o640)
+        // No fsync: a record lost in a crash costs a /status 404, and a busy API
+        // writes one per run (hundreds a second).
+        fsutil::atomic_write_nosync(&path, json::to_string(record).as_bytes(), 0o640)
     }
 
     /// Read a record; `Ok(None)` if there is none (or the id is invalid).
