@@ -31,7 +31,7 @@ use openssl::ssl::SslContext;
 use smol::stream::StreamExt;
 use smol::{Async, LocalExecutor, Timer};
 
-use super::common;
+use super::common::{self, Live, peer_ip};
 
 #[derive(FromArgs)]
 /// ctrl-exec agent: serves allowlisted scripts to trusted dispatchers over mutual TLS.
@@ -304,15 +304,6 @@ fn serve(a: Serve) -> AppResult {
     Ok(EXIT_OK)
 }
 
-/// Decrements the live-connection count when a connection task ends.
-struct Live(Rc<Cell<usize>>);
-
-impl Drop for Live {
-    fn drop(&mut self) {
-        self.0.set(self.0.get() - 1);
-    }
-}
-
 enum Event {
     Conn(std::io::Result<(Async<TcpStream>, SocketAddr)>),
     Signal(Option<std::io::Result<Signal>>),
@@ -421,13 +412,6 @@ async fn accept_loop(
     }
     if live.get() > 0 {
         audit::warn("stop-forced", &[("LIVE", &live.get().to_string())]);
-    }
-}
-
-fn peer_ip(addr: &SocketAddr) -> IpAddr {
-    match addr.ip() {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
     }
 }
 

@@ -1,7 +1,10 @@
 //! Small helpers every role shares: argument parsing around argh, config
 //! loading with operator-facing errors, and audit setup.
 
+use std::cell::Cell;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use argh::FromArgs;
 use ctrl_exec::config::{DISPATCHER_CONF, DispatcherConfig, LogTarget};
@@ -53,4 +56,21 @@ pub fn init_audit(ident: &'static str, target: &LogTarget, force_stderr: bool) {
 /// Does `p` exist? (for readable "missing" messages)
 pub fn missing(paths: &[&Path]) -> Vec<String> {
     paths.iter().filter(|p| !p.exists()).map(|p| p.display().to_string()).collect()
+}
+
+/// Counts a live connection until dropped (the listeners' `max_children`).
+pub struct Live(pub Rc<Cell<usize>>);
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
+}
+
+/// The peer's address, with IPv4-mapped IPv6 shown as IPv4.
+pub fn peer_ip(addr: &SocketAddr) -> IpAddr {
+    match addr.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
 }

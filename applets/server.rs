@@ -31,7 +31,7 @@ use openssl::ssl::SslContext;
 use smol::stream::StreamExt;
 use smol::{Async, LocalExecutor, Timer};
 
-use super::common;
+use super::common::{self, Live, peer_ip};
 
 /// The static OpenAPI document, served verbatim at `/openapi.json`.
 const OPENAPI: &str = include_str!("../docs/openapi.json");
@@ -97,15 +97,6 @@ pub fn main(invoked: &str, args: &[String]) -> AppResult {
     Ok(EXIT_OK)
 }
 
-/// Decrements the live count when a connection ends.
-struct Live(Rc<Cell<usize>>);
-
-impl Drop for Live {
-    fn drop(&mut self) {
-        self.0.set(self.0.get() - 1);
-    }
-}
-
 enum Event {
     Conn(std::io::Result<(Async<TcpStream>, SocketAddr)>),
     Stop,
@@ -122,7 +113,7 @@ async fn accept_loop<'a>(ex: &LocalExecutor<'a>, app: &'a App, listener: Async<T
         match ev {
             Event::Conn(Ok((tcp, addr))) => {
                 let _ = tcp.get_ref().set_nodelay(true);
-                let peer = canonical_ip(&addr);
+                let peer = peer_ip(&addr);
                 let overloaded = live.get() >= app.engine.cfg.api_max_children;
                 live.set(live.get() + 1);
                 let guard = Live(live.clone());
@@ -140,13 +131,6 @@ async fn accept_loop<'a>(ex: &LocalExecutor<'a>, app: &'a App, listener: Async<T
     let deadline = Instant::now() + Duration::from_secs(30);
     while live.get() > 0 && Instant::now() < deadline {
         Timer::after(Duration::from_millis(50)).await;
-    }
-}
-
-fn canonical_ip(addr: &SocketAddr) -> IpAddr {
-    match addr.ip() {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
     }
 }
 
