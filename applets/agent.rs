@@ -50,6 +50,7 @@ enum Verb {
     Paired(Paired),
     InstallBundle(InstallBundle),
     PromoteCert(PromoteCert),
+    AsyncRun(AsyncRun),
     CertStaged(CertStaged),
 }
 
@@ -114,6 +115,15 @@ struct PromoteCert {
 }
 
 #[derive(FromArgs)]
+/// Internal: run one detached job handed over by `serve` on stdin.
+#[argh(subcommand, name = "async-run", help_triggers("-h", "--help"))]
+struct AsyncRun {
+    /// write audit lines to syslog at this socket instead of stderr
+    #[argh(option)]
+    syslog_socket: Option<String>,
+}
+
+#[derive(FromArgs)]
 /// Exit 0 if a renewed certificate is staged (waiting for `promote-cert`), else 1.
 #[argh(subcommand, name = "cert-staged", help_triggers("-h", "--help"))]
 struct CertStaged {
@@ -151,6 +161,7 @@ pub fn main(invoked: &str, args: &[String]) -> AppResult {
         }),
         Some(Verb::InstallBundle(a)) => install_bundle(a),
         Some(Verb::PromoteCert(a)) => promote_cert(a),
+        Some(Verb::AsyncRun(a)) => async_run(a),
         Some(Verb::CertStaged(a)) => Ok(match load_config(&a.config) {
             Ok(cfg) if cfg.cert_staging_path.is_file() => EXIT_OK,
             _ => EXIT_FAIL,
@@ -208,7 +219,7 @@ impl Snapshot {
 }
 
 /// Build a snapshot from the files on disk; log what was skipped.
-fn load_snapshot(cfg: AgentConfig, allowlist: &Option<String>) -> Result<Snapshot, Fail> {
+fn load_snapshot(cfg: AgentConfig, allowlist: &Option<String>, log_stderr: bool) -> Result<Snapshot, Fail> {
     let list_path = allowlist.as_ref().map(PathBuf::from).unwrap_or_else(|| cfg.allowlist.clone());
     let list = Allowlist::load(&list_path, &cfg.script_dirs)
         .map_err(|e| Fail::config(format!("{e}\n(the allowlist is required: create it, even empty)")))?;
@@ -258,6 +269,7 @@ fn load_snapshot(cfg: AgentConfig, allowlist: &Option<String>) -> Result<Snapsho
     let state = AgentState {
         host: cfg.hostname.clone().unwrap_or_else(ctrl_exec::config::host_name),
         expiry: server::cert_expiry(&cfg.cert),
+        log: if log_stderr { ctrl_exec::config::LogTarget::Stderr } else { cfg.log.clone() },
         allowlist: list,
         trusted: trusted.value,
         revoked: revoked.value,
@@ -284,7 +296,7 @@ fn serve(a: Serve) -> AppResult {
         return Err(Fail::config(msg));
     }
     let addr = SocketAddr::new(cfg.bind.parse::<IpAddr>().unwrap_or(IpAddr::from([0, 0, 0, 0])), cfg.port);
-    let snap = load_snapshot(cfg, &a.allowlist)?;
+    let snap = load_snapshot(cfg, &a.allowlist, a.log_stderr)?;
     if a.check {
         println!("{}: configuration OK", snap.state.config.path.display());
         return Ok(EXIT_OK);
@@ -366,7 +378,7 @@ async fn accept_loop(
                 let running = current.borrow().state.config.clone();
                 match AgentConfig::load(&running.path)
                     .map_err(|e| Fail::config(e.to_string()))
-                    .and_then(|cfg| load_snapshot(cfg, &a.allowlist))
+                    .and_then(|cfg| load_snapshot(cfg, &a.allowlist, a.log_stderr))
                 {
                     Ok(next) => {
                         let c = &next.state.config;
@@ -650,6 +662,44 @@ fn promote_cert(a: PromoteCert) -> AppResult {
             println!("Discarded the staged certificate {}: {e}.", staged.display());
         }
     }
+    Ok(EXIT_OK)
+}
+
+/// The detached runner: run the job's script, write its final record, log
+/// its `run` line. File descriptor 3 is the script's lock, held until exit.
+fn async_run(a: AsyncRun) -> AppResult {
+    let target = match a.syslog_socket {
+        Some(p) => ctrl_exec::config::LogTarget::Syslog(p.into()),
+        None => ctrl_exec::config::LogTarget::Stderr,
+    };
+    common::init_audit("ctrl-exec-agent", &target, false);
+    let mut text = String::new();
+    std::io::stdin()
+        .take(4 << 20)
+        .read_to_string(&mut text)
+        .map_err(|e| Fail::new(format!("cannot read the job: {e}")))?;
+    let job = ctrl_exec::asyncrun::Job::from_json(&text).ok_or_else(|| Fail::new("malformed job on stdin"))?;
+    let out = smol::block_on(ctrl_exec::exec::run(&job.spec()));
+    let store = ctrl_exec::asyncrun::Store::new(job.record.parent().and_then(|p| p.parent()).unwrap_or(Path::new(".")));
+    if let Err(e) = store.write(&job.record, &job.done_record(&out)) {
+        audit::err("async-store-fail", &[("REQID", &job.reqid), ("ERROR", &e.to_string())]);
+    }
+    let exit = out.exit.to_string();
+    let args = miniserde::json::to_string(&ctrl_exec::wire::str_array(&job.args));
+    let user = if job.username.is_empty() { "(none)" } else { job.username.as_str() };
+    audit::info(
+        "run",
+        &[
+            ("SCRIPT", &job.script),
+            ("EXIT", &exit),
+            ("PEER", &job.peer),
+            ("DISPATCHER", &job.owner),
+            ("REQID", &job.reqid),
+            ("USER", user),
+            ("ARGS", &args),
+            ("MODE", "async"),
+        ],
+    );
     Ok(EXIT_OK)
 }
 

@@ -12,6 +12,7 @@ use ctrl_exec::dispatch::{self, Engine, ResolveError, RunRequest};
 use ctrl_exec::error::{AppResult, EXIT_FAIL, EXIT_OK, Fail};
 use ctrl_exec::hook::{self, Decision, NoHook};
 use ctrl_exec::registry::Registry;
+use ctrl_exec::runstore::RunStore;
 use ctrl_exec::wire::{Obj, get_i64, get_str};
 use miniserde::json::{self, Array, Object, Value};
 
@@ -30,7 +31,49 @@ struct Cli {
 enum Verb {
     Run(RunArgs),
     Ping(PingArgs),
+    Status(StatusArgs),
+    Wait(WaitArgs),
     ListAgents(ListArgs),
+}
+
+#[derive(FromArgs)]
+/// Show a recorded run (an async run: fetch what its agents have now).
+#[argh(subcommand, name = "status", help_triggers("-h", "--help"))]
+struct StatusArgs {
+    /// config file (default $CTRL_EXEC_CONFIG or /etc/ctrl-exec/ctrl-exec.conf)
+    #[argh(option)]
+    config: Option<String>,
+    /// print the record as JSON
+    #[argh(switch)]
+    json: bool,
+    /// write audit lines to stderr instead of syslog
+    #[argh(switch)]
+    log_stderr: bool,
+    /// request id
+    #[argh(positional)]
+    reqid: String,
+}
+
+#[derive(FromArgs)]
+/// Wait until an async run is complete on every host (exit 0: all exited 0,
+/// 1: some failed, 2: still pending at the timeout).
+#[argh(subcommand, name = "wait", help_triggers("-h", "--help"))]
+struct WaitArgs {
+    /// config file (default $CTRL_EXEC_CONFIG or /etc/ctrl-exec/ctrl-exec.conf)
+    #[argh(option)]
+    config: Option<String>,
+    /// print the final record as JSON
+    #[argh(switch)]
+    json: bool,
+    /// seconds to wait (default 300)
+    #[argh(option, default = "300")]
+    timeout: u64,
+    /// write audit lines to stderr instead of syslog
+    #[argh(switch)]
+    log_stderr: bool,
+    /// request id
+    #[argh(positional)]
+    reqid: String,
 }
 
 #[derive(FromArgs)]
@@ -57,6 +100,10 @@ struct RunArgs {
     /// write audit lines to stderr instead of syslog
     #[argh(switch)]
     log_stderr: bool,
+    /// start the script detached on every host and return at once; follow
+    /// it with `status` or `wait`
+    #[argh(switch, long = "async")]
+    detach: bool,
     /// registered hosts, then the script name
     #[argh(positional)]
     targets: Vec<String>,
@@ -111,6 +158,8 @@ pub fn main(invoked: &str, args: &[String]) -> AppResult {
     match cli.verb {
         Verb::Run(a) => run(a, after),
         Verb::Ping(a) if after.is_empty() => ping(a),
+        Verb::Status(a) if after.is_empty() => status(a),
+        Verb::Wait(a) if after.is_empty() => wait(a),
         Verb::ListAgents(a) if after.is_empty() => list_agents(a),
         _ => Err(Fail::usage("only 'run' takes arguments after '--'")),
     }
@@ -199,6 +248,9 @@ fn run(a: RunArgs, script_args: Vec<String>) -> AppResult {
         Err(code) => return Ok(code),
     };
     let req = RunRequest { script, args: script_args, reqid: p.reqid, username: p.username, token: p.token };
+    if a.detach {
+        return submit(&p.engine, &p.targets, &req, a.json);
+    }
     let mut results = Array::new();
     let mut all_ok = true;
     smol::block_on(p.engine.run(&p.targets, &req, |res| {
@@ -216,17 +268,181 @@ fn run(a: RunArgs, script_args: Vec<String>) -> AppResult {
     Ok(if all_ok { EXIT_OK } else { EXIT_FAIL })
 }
 
+/// `run --async`: submit, record, say how to follow it.
+fn submit(engine: &Engine, targets: &[Target], req: &RunRequest, json_out: bool) -> AppResult {
+    let mut results = Vec::new();
+    if !json_out {
+        println!("Submitted async run  req:{}", req.reqid);
+    }
+    smol::block_on(engine.submit(targets, req, |r| {
+        if !json_out {
+            let (host, rtt) = (get_str(&r, "host").unwrap_or_default(), get_str(&r, "rtt").unwrap_or_default());
+            match (get_str(&r, "status").as_deref(), get_str(&r, "error")) {
+                (Some("accepted"), _) => println!("==> {host}  [accepted  {rtt}]"),
+                (Some("busy"), e) => println!("==> {host}  [BUSY: {}]", e.unwrap_or_default()),
+                (_, e) => println!("==> {host}  [ERROR: {}]", e.unwrap_or_default()),
+            }
+        }
+        results.push(r);
+    }));
+    let record = dispatch::async_record(&req.reqid, &req.script, &results, Some((&req.username, "127.0.0.1")));
+    if let Err(e) = RunStore::new(&engine.cfg.runs_dir).put(&req.reqid, &record) {
+        eprintln!("warning: the run was submitted but could not be recorded ({e}); 'status' will not find it");
+    }
+    let accepted = results.iter().any(|r| get_str(r, "status").as_deref() == Some("accepted"));
+    if json_out {
+        let arr: Array = results.into_iter().map(Value::Object).collect();
+        println!("{}", Obj::new().b("ok", true).s("reqid", &req.reqid).v("results", Value::Array(arr)).to_json());
+    } else {
+        println!("Check progress with: ctrl-exec status {}", req.reqid);
+    }
+    Ok(if accepted { EXIT_OK } else { EXIT_FAIL })
+}
+
+/// Load a record and, for a pending async run, fetch what its agents have.
+fn load_run(config: &Option<String>, log_stderr: bool, reqid: &str) -> Result<Option<(Engine, Object)>, Fail> {
+    let cfg = common::load_dispatcher(config)?;
+    common::init_audit("ctrl-exec-dispatcher", &cfg.log, log_stderr);
+    let store = RunStore::new(&cfg.runs_dir);
+    store.purge(std::time::Duration::from_secs(ctrl_exec::runstore::TTL_SECS));
+    let Some(record) = store.get(reqid)? else { return Ok(None) };
+    let engine = Engine::open(cfg, true).map_err(|e| Fail::new(format!("cannot load the dispatcher identity: {e}")))?;
+    Ok(Some((engine, record)))
+}
+
+/// Fetch pending results and store the merged record.
+fn refresh(engine: &Engine, record: &mut Object) {
+    if get_str(record, "mode").as_deref() != Some("async")
+        || ctrl_exec::wire::get_bool(record, "complete") == Some(true)
+    {
+        return;
+    }
+    smol::block_on(engine.refresh(record));
+    let reqid = get_str(record, "reqid").unwrap_or_default();
+    if let Err(e) = RunStore::new(&engine.cfg.runs_dir).put(&reqid, record) {
+        eprintln!("warning: cannot update the record: {e}");
+    }
+}
+
+fn not_found(reqid: &str, json_out: bool) -> AppResult {
+    if json_out {
+        println!("{}", Obj::new().b("ok", false).s("error", "not found").s("reqid", reqid).to_json());
+    } else {
+        eprintln!("No such request: {reqid}");
+    }
+    Ok(EXIT_FAIL)
+}
+
+fn print_record(record: &Object, json_out: bool) {
+    if json_out {
+        let mut r = record.clone();
+        r.insert("ok".into(), Value::Bool(true));
+        println!("{}", json::to_string(&r));
+        return;
+    }
+    let complete = ctrl_exec::wire::get_bool(record, "complete") == Some(true);
+    println!(
+        "Request {}  (script: {})  [{}]",
+        get_str(record, "reqid").unwrap_or_default(),
+        get_str(record, "script").unwrap_or_default(),
+        if complete { "COMPLETE" } else { "PENDING" }
+    );
+    match (get_str(record, "mode").as_deref(), record.get("hosts"), record.get("results")) {
+        (Some("async"), Some(Value::Object(hosts)), _) => {
+            for (name, h) in hosts {
+                let Value::Object(h) = h else { continue };
+                let status = get_str(h, "status").unwrap_or_default();
+                match status.as_str() {
+                    "done" => {
+                        let mut shown = h.clone();
+                        shown.insert("host".into(), Value::String(name.clone()));
+                        print_done(&shown);
+                    }
+                    s if dispatch::is_pending(s) => {
+                        println!("==> {name}  [{s}]");
+                        if let Some(e) = get_str(h, "fetch_error") {
+                            println!("    (fetch pending: {e})");
+                        }
+                    }
+                    s => {
+                        println!("==> {name}  [{}]", s.to_ascii_uppercase());
+                        if let Some(e) = get_str(h, "error") {
+                            println!("    ERROR: {e}");
+                        }
+                    }
+                }
+            }
+        }
+        (_, _, Some(Value::Array(results))) => {
+            for r in results {
+                if let Value::Object(r) = r {
+                    print_run(r);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// An async host that finished: like a run block, without rtt and reqid.
+fn print_done(h: &Object) {
+    let exit = get_i64(h, "exit").unwrap_or(-1);
+    println!("==> {}  [done  exit:{exit}]", get_str(h, "host").unwrap_or_default());
+    print_output(h);
+}
+
+fn status(a: StatusArgs) -> AppResult {
+    let Some((engine, mut record)) = load_run(&a.config, a.log_stderr, &a.reqid)? else {
+        return not_found(&a.reqid, a.json);
+    };
+    refresh(&engine, &mut record);
+    print_record(&record, a.json);
+    Ok(EXIT_OK)
+}
+
+fn wait(a: WaitArgs) -> AppResult {
+    let Some((engine, mut record)) = load_run(&a.config, a.log_stderr, &a.reqid)? else {
+        return not_found(&a.reqid, a.json);
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(a.timeout);
+    loop {
+        refresh(&engine, &mut record);
+        if ctrl_exec::wire::get_bool(&record, "complete") == Some(true) {
+            break;
+        }
+        if std::time::Instant::now() >= deadline {
+            print_record(&record, a.json);
+            return Ok(2);
+        }
+        std::thread::sleep(std::time::Duration::from_secs(2).min(deadline - std::time::Instant::now()));
+    }
+    print_record(&record, a.json);
+    let all_ok = match (record.get("hosts"), record.get("results")) {
+        (Some(Value::Object(hosts)), _) => hosts.values().all(|h| {
+            matches!(h, Value::Object(h) if get_str(h, "status").as_deref() == Some("done") && get_i64(h, "exit") == Some(0))
+        }),
+        (_, Some(Value::Array(rs))) => rs.iter().all(|r| matches!(r, Value::Object(r) if get_i64(r, "exit") == Some(0))),
+        _ => false,
+    };
+    Ok(if all_ok { EXIT_OK } else { EXIT_FAIL })
+}
+
 fn print_run(res: &Object) {
-    use std::io::Write;
     let exit = get_i64(res, "exit").unwrap_or(-1);
     let label = if exit == 0 { "OK" } else { "FAIL" };
-    let mut out = String::new();
-    out.push_str(&format!(
-        "==> {}  [{label}  exit:{exit}  {}  req:{}]\n",
+    println!(
+        "==> {}  [{label}  exit:{exit}  {}  req:{}]",
         get_str(res, "host").unwrap_or_default(),
         get_str(res, "rtt").unwrap_or_default(),
         get_str(res, "reqid").unwrap_or_default()
-    ));
+    );
+    print_output(res);
+}
+
+/// The body of a host's block: error, stdout verbatim, stderr, notes.
+fn print_output(res: &Object) {
+    use std::io::Write;
+    let mut out = String::new();
     if let Some(e) = get_str(res, "error").filter(|e| !e.is_empty()) {
         out.push_str(&format!("    ERROR: {e}\n"));
     }

@@ -397,9 +397,7 @@ async fn run(app: &App, req: &Request, caller: &Caller) -> Result<Reply, Reply> 
     if args.iter().any(|a| a.contains('\0')) {
         return Err(error(400, "bad request", "arguments must not contain NUL bytes"));
     }
-    if get_bool(&o, "async") == Some(true) {
-        return Err(error(501, "not implemented", "async runs are not available in this version of the API"));
-    }
+    let detach = get_bool(&o, "async") == Some(true);
     let username = caller.username();
     let reqid = ctrl_exec::wire::new_reqid();
     app.authorize(&hook::Context {
@@ -422,6 +420,19 @@ async fn run(app: &App, req: &Request, caller: &Caller) -> Result<Reply, Reply> 
         username: username.clone(),
         token: caller.token.clone(),
     };
+    if detach {
+        let mut results = Vec::new();
+        app.engine.submit(&targets, &run, |r| results.push(r)).await;
+        let record = dispatch::async_record(&reqid, &script, &results, Some((&username, &caller.ip)));
+        if let Err(e) = app.store.put(&reqid, &record) {
+            audit::warn("run-store-fail", &[("REQID", &reqid), ("ERROR", &e.to_string())]);
+        }
+        let arr: Array = results.into_iter().map(Value::Object).collect();
+        return Ok(reply(
+            202,
+            Obj::new().b("ok", true).s("reqid", &reqid).b("async", true).v("results", Value::Array(arr)),
+        ));
+    }
     let mut results = Array::new();
     app.engine.run(&targets, &run, |r| results.push(Value::Object(r))).await;
     let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
@@ -494,6 +505,16 @@ async fn status(app: &App, reqid: &str, caller: &Caller) -> Result<Reply, Reply>
     };
     // A refusal looks exactly like an unknown id: no existence disclosure.
     app.authorize(&ctx).await.map_err(|_| not_found())?;
+    if get_str(&record, "mode").as_deref() == Some("async") && get_bool(&record, "complete") != Some(true) {
+        app.engine.refresh(&mut record).await;
+        let mut stored = record.clone();
+        if let Some((u, ip)) = &ctx.submitter {
+            stored.insert("submitter".into(), Obj::new().s("username", u).s("source_ip", ip).into_value());
+        }
+        if let Err(e) = app.store.put(reqid, &stored) {
+            audit::warn("run-store-fail", &[("REQID", reqid), ("ERROR", &e.to_string())]);
+        }
+    }
     record.insert("ok".into(), Value::Bool(true));
     Ok((200, miniserde::json::to_string(&record)))
 }

@@ -331,3 +331,192 @@ impl Engine {
         }
     }
 }
+
+/// Per-host state of an async run as the dispatcher records it.
+pub fn is_pending(status: &str) -> bool {
+    status == "accepted" || status == "running"
+}
+
+impl Engine {
+    /// Submit a detached run to every target (`"async": true`); `done` gets
+    /// `{host, script, status: accepted|busy|error, error?, reqid, rtt}`.
+    pub async fn submit(&self, targets: &[Target], req: &RunRequest, mut done: impl FnMut(Object)) {
+        let args_json = json::to_string(&str_array(&req.args));
+        let user = user_or_none(&req.username);
+        let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
+        audit::info(
+            "dispatch",
+            &[
+                ("SCRIPT", &req.script),
+                ("HOSTS", &names.join(",")),
+                ("REQID", &req.reqid),
+                ("MODE", "async"),
+                ("USER", user),
+                ("ARGS", &args_json),
+            ],
+        );
+        let body = Obj::new()
+            .s("script", &req.script)
+            .v("args", str_array(&req.args))
+            .s("reqid", &req.reqid)
+            .s("username", &req.username)
+            .s("token", &req.token)
+            .b("async", true)
+            .to_json();
+        self.fan(targets, "POST", "/run", Some(&body), |t, took, r| {
+            let base =
+                Obj::new().s("host", &t.name).s("script", &req.script).s("reqid", &req.reqid).s("rtt", rtt(took));
+            let (status, error) = match r {
+                Ok(resp) if resp.code == 202 => ("accepted", None),
+                Ok(resp) => {
+                    let body = parse_object(&String::from_utf8_lossy(&resp.body));
+                    match resp.code {
+                        409 => ("busy", Some(body.and_then(|o| get_str(&o, "error")).unwrap_or_else(|| "busy".into()))),
+                        200..=299 => (
+                            "error",
+                            Some(
+                                body.and_then(|o| get_str(&o, "error"))
+                                    .unwrap_or_else(|| "the agent did not accept the run".into()),
+                            ),
+                        ),
+                        c => ("error", Some(status_error(c, &body))),
+                    }
+                }
+                Err(e) => ("error", Some(e.describe(t))),
+            };
+            let (target, rt) = (t.display(), rtt(took));
+            let mut fields = vec![
+                ("SCRIPT", req.script.as_str()),
+                ("TARGET", target.as_str()),
+                ("STATUS", status),
+                ("RTT", rt.as_str()),
+                ("REQID", req.reqid.as_str()),
+            ];
+            if let Some(e) = &error {
+                fields.push(("ERROR", e));
+            }
+            match status {
+                "accepted" => audit::info("run-async", &fields),
+                "busy" => audit::warn("run-async", &fields),
+                _ => audit::err("run-async", &fields),
+            }
+            let mut o = base.s("status", status);
+            if let Some(e) = error {
+                o = o.s("error", e);
+            }
+            done(o.0);
+        })
+        .await
+    }
+
+    /// Fetch `GET /result/<reqid>` from every pending host of an async record
+    /// and merge: done (exit, stdout, stderr), still running, `expired` (the
+    /// agent no longer has it), or `fetch_error` kept beside a pending state.
+    pub async fn refresh(&self, record: &mut Object) {
+        let reqid = get_str(record, "reqid").unwrap_or_default();
+        let Some(Value::Object(hosts)) = record.get_mut("hosts") else { return };
+        let pending: Vec<String> = hosts
+            .iter()
+            .filter(|(_, v)| matches!(v, Value::Object(o) if is_pending(&get_str(o, "status").unwrap_or_default())))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut targets = Vec::new();
+        for name in &pending {
+            match resolve(&self.registry(), std::slice::from_ref(name), None) {
+                Ok(mut t) => targets.append(&mut t),
+                Err(e) => {
+                    if let Some(Value::Object(h)) = hosts.get_mut(name) {
+                        h.insert("fetch_error".into(), Value::String(e.to_string()));
+                    }
+                }
+            }
+        }
+        let path = format!("/result/{reqid}");
+        let mut updates: Vec<(String, Object)> = Vec::new();
+        self.fan(&targets, "GET", &path, None, |t, took, r| {
+            let (target, rt) = (t.display(), rtt(took));
+            let mut h = Obj::new();
+            match r {
+                Ok(resp) if resp.code == 200 => {
+                    let rec = parse_object(&String::from_utf8_lossy(&resp.body)).unwrap_or_default();
+                    let status = get_str(&rec, "status").unwrap_or_default();
+                    audit::info("result", &[("TARGET", &target), ("STATUS", &status), ("RTT", &rt), ("REQID", &reqid)]);
+                    if status == "done" {
+                        h = h.s("status", "done");
+                        for k in ["exit", "stdout", "stderr", "truncated", "timed_out", "error", "finished"] {
+                            if let Some(v) = rec.get(k) {
+                                h = h.v(k, v.clone());
+                            }
+                        }
+                    } else {
+                        h = h.s("status", "running");
+                    }
+                }
+                Ok(resp) if resp.code == 404 => {
+                    audit::info(
+                        "result",
+                        &[("TARGET", &target), ("STATUS", "expired"), ("RTT", &rt), ("REQID", &reqid)],
+                    );
+                    h = h
+                        .s("status", "expired")
+                        .s("error", "the agent has no result for this request (expired or never stored)");
+                }
+                other => {
+                    let e = match other {
+                        Ok(resp) => status_error(resp.code, &parse_object(&String::from_utf8_lossy(&resp.body))),
+                        Err(e) => e.describe(t),
+                    };
+                    audit::err("result", &[("TARGET", &target), ("ERROR", &e), ("RTT", &rt), ("REQID", &reqid)]);
+                    h = h.s("fetch_error", e);
+                }
+            }
+            updates.push((t.name.clone(), h.0));
+        })
+        .await;
+        for (name, upd) in updates {
+            if let Some(Value::Object(h)) = hosts.get_mut(&name) {
+                h.remove("fetch_error");
+                for (k, v) in upd {
+                    h.insert(k, v);
+                }
+            }
+        }
+        let pending: Vec<String> = hosts
+            .iter()
+            .filter(|(_, v)| matches!(v, Value::Object(o) if is_pending(&get_str(o, "status").unwrap_or_default())))
+            .map(|(k, _)| k.clone())
+            .collect();
+        record.insert("complete".into(), Value::Bool(pending.is_empty()));
+        record.insert("pending".into(), str_array(&pending));
+    }
+}
+
+/// A new async record from submit results.
+pub fn async_record(reqid: &str, script: &str, results: &[Object], submitter: Option<(&str, &str)>) -> Object {
+    let mut hosts = Object::new();
+    let mut pending = Vec::new();
+    for r in results {
+        let name = get_str(r, "host").unwrap_or_default();
+        let status = get_str(r, "status").unwrap_or_default();
+        if is_pending(&status) {
+            pending.push(name.clone());
+        }
+        let mut h = Obj::new().s("status", &status);
+        if let Some(e) = get_str(r, "error") {
+            h = h.s("error", e);
+        }
+        hosts.insert(name, h.into_value());
+    }
+    let mut o = Obj::new()
+        .s("reqid", reqid)
+        .s("script", script)
+        .s("mode", "async")
+        .v("hosts", Value::Object(hosts))
+        .i("created", crate::time::unix_now())
+        .v("pending", str_array(&pending))
+        .b("complete", pending.is_empty());
+    if let Some((u, ip)) = submitter {
+        o = o.v("submitter", Obj::new().s("username", u).s("source_ip", ip).into_value());
+    }
+    o.0
+}

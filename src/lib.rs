@@ -24,6 +24,7 @@
 //! | [`bundle`] | the text-safe enrolment bundle |
 
 pub mod allowlist;
+pub mod asyncrun;
 pub mod audit;
 pub mod bundle;
 pub mod ca;

@@ -68,6 +68,8 @@ pub struct AgentState {
     pub host: String,
     /// Our certificate's notAfter (or `unknown`).
     pub expiry: String,
+    /// Where this agent's audit lines go (passed on to detached runners).
+    pub log: crate::config::LogTarget,
 }
 
 /// A reply: status and JSON body.
@@ -121,6 +123,7 @@ async fn route(req: &http::Request, peer: &Peer, state: &AgentState) -> Reply {
         ("POST", "/run") => run(req, peer, state).await,
         ("POST", "/ping") => ping(req, peer, state),
         ("GET", "/capabilities") => capabilities(peer, state).await,
+        ("GET", p) if p.strip_prefix("/result/").is_some_and(crate::wire::valid_reqid) => result(&p[8..], peer, state),
         _ => error_reply(404, "not found"),
     }
 }
@@ -172,9 +175,10 @@ async fn run(req: &http::Request, peer: &Peer, state: &AgentState) -> Reply {
     let token = get_str(&o, "token").unwrap_or_default();
     let refuse =
         |msg: &str| reply(200, Obj::new().s("script", &script).i("exit", -1).s("error", msg).s("reqid", &reqid));
-    if get_bool(&o, "async") == Some(true) {
-        bad("async run requested");
-        return refuse("async runs are not supported by this agent version; run synchronously");
+    let detached = get_bool(&o, "async") == Some(true);
+    if detached && !crate::wire::valid_reqid(&reqid) {
+        bad("async run without a valid reqid");
+        return refuse("async run requires a valid reqid");
     }
     if args.iter().any(|a| a.contains('\0')) {
         bad("NUL byte in an argument");
@@ -225,6 +229,24 @@ async fn run(req: &http::Request, peer: &Peer, state: &AgentState) -> Reply {
         .s("dispatcher", dispatcher)
         .s("timestamp", crate::time::now_iso())
         .to_json();
+    if detached {
+        let job = crate::asyncrun::Job {
+            record: PathBuf::new(),
+            reqid: reqid.clone(),
+            script: script.clone(),
+            owner: dispatcher.to_string(),
+            started: crate::time::now_iso(),
+            path: entry.path.clone(),
+            args,
+            stdin,
+            stdin_timeout: state.config.stdin_timeout.as_secs(),
+            max_output: state.config.max_output as u64,
+            timeout: entry.timeout.map(|t| t.as_secs()).unwrap_or(0),
+            peer: peer_ip.clone(),
+            username: username.clone(),
+        };
+        return start_detached(job, state).await;
+    }
     let spec = crate::exec::Spec {
         stdin_timeout: state.config.stdin_timeout,
         max_output: state.config.max_output,
@@ -268,6 +290,88 @@ async fn run(req: &http::Request, peer: &Peer, state: &AgentState) -> Reply {
         r = r.b("timed_out", true).s("error", format!("timed out after {secs}s; process group killed"));
     }
     reply(200, r)
+}
+
+/// Accept a detached run: lock, record, hand over to a runner, 202.
+async fn start_detached(mut job: crate::asyncrun::Job, state: &AgentState) -> Reply {
+    let store = crate::asyncrun::Store::new(&state.config.async_runs_dir);
+    store.purge();
+    let fields = [
+        ("SCRIPT", job.script.as_str()),
+        ("PEER", job.peer.as_str()),
+        ("DISPATCHER", job.owner.as_str()),
+        ("REQID", job.reqid.as_str()),
+    ];
+    let failed = |e: String| {
+        audit::err("async-store-fail", &[("REQID", &job.reqid), ("ERROR", &e)]);
+        reply(
+            200,
+            Obj::new()
+                .s("script", &job.script)
+                .i("exit", -1)
+                .s("reqid", &job.reqid)
+                .s("error", "could not start async job"),
+        )
+    };
+    let lock = match store.try_lock(&job.script) {
+        Ok(Some(l)) => l,
+        Ok(None) => {
+            audit::warn("run-async-busy", &fields);
+            return reply(
+                409,
+                Obj::new()
+                    .s("script", &job.script)
+                    .s("status", "busy")
+                    .s("reqid", &job.reqid)
+                    .s("error", "script already running"),
+            );
+        }
+        Err(e) => return failed(e.to_string()),
+    };
+    let Some(path) = store.record_path(&job.owner, &job.reqid) else {
+        return failed("invalid owner or reqid".into());
+    };
+    job.record = path;
+    if let Err(e) = store.write(&job.record, &job.running_record()) {
+        return failed(e.to_string());
+    }
+    if let Err(e) = crate::asyncrun::spawn_runner(&job, lock, &state.log).await {
+        let _ = std::fs::remove_file(&job.record);
+        return failed(format!("cannot start the runner: {e}"));
+    }
+    audit::info("run-async", &fields);
+    reply(202, Obj::new().s("script", &job.script).s("status", "accepted").s("reqid", &job.reqid))
+}
+
+/// `GET /result/<reqid>`: the caller's own detached-run record.
+fn result(reqid: &str, peer: &Peer, state: &AgentState) -> Reply {
+    let dispatcher = match gate(peer, state, reqid) {
+        Ok(d) => d,
+        Err(r) => return r,
+    };
+    let store = crate::asyncrun::Store::new(&state.config.async_runs_dir);
+    let peer_ip = peer.ip.to_string();
+    let who = [("PEER", peer_ip.as_str()), ("DISPATCHER", dispatcher), ("REQID", reqid)];
+    match store.read(dispatcher, reqid) {
+        Some(record) => {
+            let status = crate::asyncrun::status_of(&record);
+            let mut f = who.to_vec();
+            f.push(("STATUS", &status));
+            audit::info("result", &f);
+            Reply { code: 200, body: miniserde::json::to_string(&record) }
+        }
+        None => {
+            if store.owned_by_other(dispatcher, reqid) {
+                let mut f = who.to_vec();
+                f.push(("REASON", "not-owner"));
+                audit::warn("result-deny", &f);
+            } else {
+                audit::info("result-miss", &who);
+            }
+            // Not-owner and unknown are deliberately indistinguishable.
+            reply(404, Obj::new().s("status", "unknown").s("reqid", reqid))
+        }
+    }
 }
 
 fn ping(req: &http::Request, peer: &Peer, state: &AgentState) -> Reply {

@@ -5,17 +5,6 @@ mod common;
 
 use common::*;
 
-/// Keep a response for scripts/check-openapi.py, which validates it against
-/// the named schema of docs/openapi.json (`make test` runs it after cargo).
-fn capture(schema: &str, body: &str) {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("api-captures");
-    std::fs::create_dir_all(&dir).unwrap();
-    let n = N.fetch_add(1, Ordering::Relaxed);
-    std::fs::write(dir.join(format!("{schema}-{}-{n}.json", std::process::id())), body).unwrap();
-}
-
 fn keys(o: &miniserde::json::Object) -> Vec<String> {
     let mut k: Vec<String> = o.keys().cloned().collect();
     k.sort();

@@ -408,3 +408,14 @@ impl Drop for Api {
         let _ = self.child.wait();
     }
 }
+
+/// Keep an API response for scripts/check-openapi.py, which validates it
+/// against the named schema of docs/openapi.json (`make test` runs it).
+pub fn capture(schema: &str, body: &str) {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("api-captures");
+    std::fs::create_dir_all(&dir).unwrap();
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    std::fs::write(dir.join(format!("{schema}-{}-{n}.json", std::process::id())), body).unwrap();
+}
