@@ -8,12 +8,12 @@
 
 use argh::FromArgs;
 use ctrl_exec::client::Target;
-use ctrl_exec::dispatch::{self, Engine, ResolveError, RunRequest};
+use ctrl_exec::dispatch::{self, Engine, LockError, ResolveError, RunRequest};
 use ctrl_exec::error::{AppResult, EXIT_FAIL, EXIT_OK, Fail};
 use ctrl_exec::hook::{self, Decision, NoHook};
 use ctrl_exec::registry::Registry;
 use ctrl_exec::runstore::RunStore;
-use ctrl_exec::wire::{Obj, get_i64, get_str};
+use ctrl_exec::wire::{Obj, get_i64, get_str, str_array};
 use miniserde::json::{self, Array, Object, Value};
 
 use super::common;
@@ -34,6 +34,19 @@ enum Verb {
     Status(StatusArgs),
     Wait(WaitArgs),
     ListAgents(ListArgs),
+    ListLocks(ListLocksArgs),
+}
+
+#[derive(FromArgs)]
+/// Show which host:script locks running runs hold right now.
+#[argh(subcommand, name = "list-locks", help_triggers("-h", "--help"))]
+struct ListLocksArgs {
+    /// config file (default $CTRL_EXEC_CONFIG or /etc/ctrl-exec/ctrl-exec.conf)
+    #[argh(option)]
+    config: Option<String>,
+    /// print JSON
+    #[argh(switch)]
+    json: bool,
 }
 
 #[derive(FromArgs)]
@@ -161,6 +174,7 @@ pub fn main(invoked: &str, args: &[String]) -> AppResult {
         Verb::Status(a) if after.is_empty() => status(a),
         Verb::Wait(a) if after.is_empty() => wait(a),
         Verb::ListAgents(a) if after.is_empty() => list_agents(a),
+        Verb::ListLocks(a) if after.is_empty() => list_locks(a),
         _ => Err(Fail::usage("only 'run' takes arguments after '--'")),
     }
 }
@@ -248,6 +262,22 @@ fn run(a: RunArgs, script_args: Vec<String>) -> AppResult {
         Err(code) => return Ok(code),
     };
     let req = RunRequest { script, args: script_args, reqid: p.reqid, username: p.username, token: p.token };
+    // Held until every host has answered (for --async: has taken the job).
+    let _lock = match p.engine.lock(&p.targets, &req.script) {
+        Ok(l) => l,
+        Err(LockError::Conflicts(c)) => {
+            if a.json {
+                println!(
+                    "{}",
+                    Obj::new().b("ok", false).s("error", "locked").i("code", 4).v("conflicts", str_array(&c)).to_json()
+                );
+            } else {
+                eprintln!("Locked: already running: {}", c.join(", "));
+            }
+            return Ok(EXIT_FAIL);
+        }
+        Err(LockError::Fs(e)) => return Err(Fail::new(format!("cannot take the run locks: {e}"))),
+    };
     if a.detach {
         return submit(&p.engine, &p.targets, &req, a.json);
     }
@@ -577,6 +607,27 @@ fn list_agents(a: ListArgs) -> AppResult {
             "{:<30} {:<16} {:<5} {:<8} {:<22} {:<24} {}",
             r.hostname, r.ip, r.port, r.lookup_by, r.paired, r.expiry, days
         );
+    }
+    Ok(EXIT_OK)
+}
+
+fn list_locks(a: ListLocksArgs) -> AppResult {
+    let cfg = common::load_dispatcher(&a.config)?;
+    let held = ctrl_exec::locks::Locks::new(&cfg.locks_dir).held()?;
+    if a.json {
+        let mut arr = Array::new();
+        for (h, s) in &held {
+            arr.push(Obj::new().s("host", h).s("script", s).into_value());
+        }
+        println!("{}", Obj::new().b("ok", true).v("locks", Value::Array(arr)).to_json());
+    } else if held.is_empty() {
+        println!("No locks currently held.");
+    } else {
+        println!("{:<30} SCRIPT", "HOST");
+        println!("{}", "-".repeat(50));
+        for (h, s) in &held {
+            println!("{h:<30} {s}");
+        }
     }
     Ok(EXIT_OK)
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use argh::FromArgs;
 use async_signal::{Signal, Signals};
 use ctrl_exec::audit;
-use ctrl_exec::dispatch::{self, Engine, ResolveError, RunRequest};
+use ctrl_exec::dispatch::{self, Engine, LockError, ResolveError, RunRequest};
 use ctrl_exec::error::{AppResult, EXIT_OK, Fail};
 use ctrl_exec::hook::{self, Decision, NoHook};
 use ctrl_exec::http::{self, Conn, HttpError, Limits, Request};
@@ -413,6 +413,16 @@ async fn run(app: &App, req: &Request, caller: &Caller) -> Result<Reply, Reply> 
     })
     .await?;
     let targets = app.resolve(&hosts)?;
+    let _lock = match app.engine.lock(&targets, &script) {
+        Ok(l) => l,
+        Err(LockError::Conflicts(c)) => {
+            return Err(reply(
+                409,
+                Obj::new().b("ok", false).s("error", "locked").i("code", 4).v("conflicts", str_array(&c)),
+            ));
+        }
+        Err(LockError::Fs(e)) => return Err(error(500, "internal error", &format!("cannot take the run locks: {e}"))),
+    };
     let run = RunRequest {
         script: script.clone(),
         args,

@@ -433,6 +433,8 @@ pub struct DispatcherConfig {
     pub tls_session_cache: Option<PathBuf>,
     /// Run store of the API (and of async runs).
     pub runs_dir: PathBuf,
+    /// Dispatcher locks (one run of a script per host at a time).
+    pub locks_dir: PathBuf,
     /// API server listen address.
     pub api_bind: String,
     /// API server port.
@@ -488,6 +490,9 @@ impl DispatcherConfig {
             runs_dir: raw
                 .opt_path("runs_dir")
                 .unwrap_or_else(|| registry_dir.parent().unwrap_or(Path::new("/var/lib/ctrl-exec")).join("runs")),
+            locks_dir: raw
+                .opt_path("locks_dir")
+                .unwrap_or_else(|| registry_dir.parent().unwrap_or(Path::new("/var/lib/ctrl-exec")).join("locks")),
             registry_dir,
             api_bind: {
                 let bind = raw.opt_str(&["api_bind"]).unwrap_or_else(|| "127.0.0.1".into());

@@ -520,3 +520,46 @@ pub fn async_record(reqid: &str, script: &str, results: &[Object], submitter: Op
     }
     o.0
 }
+
+/// Dispatcher locks held for one run; released (and logged) on drop.
+#[derive(Debug)]
+pub struct RunLock {
+    held: crate::locks::Held,
+    script: String,
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        let hosts: Vec<&str> = self.held.names.iter().filter_map(|n| n.rsplit_once(':').map(|(h, _)| h)).collect();
+        audit::info("lock-release", &[("HOSTS", &hosts.join(",")), ("SCRIPT", &self.script)]);
+    }
+}
+
+/// Why a run could not take its locks.
+#[derive(Debug)]
+pub enum LockError {
+    /// Another run holds these (`host:script`).
+    Conflicts(Vec<String>),
+    /// The lock files could not be used.
+    Fs(crate::fsutil::FsError),
+}
+
+impl Engine {
+    /// Take the locks of `script` on every target, all or none.
+    pub fn lock(&self, targets: &[Target], script: &str) -> Result<RunLock, LockError> {
+        let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
+        match crate::locks::Locks::new(&self.cfg.locks_dir).acquire(&names, script) {
+            Ok(Ok(held)) => {
+                for n in &names {
+                    audit::info("lock-acquire", &[("HOST", n), ("SCRIPT", script)]);
+                }
+                Ok(RunLock { held, script: script.to_string() })
+            }
+            Ok(Err(conflicts)) => {
+                audit::warn("lock-conflict", &[("CONFLICTS", &conflicts.join(","))]);
+                Err(LockError::Conflicts(conflicts))
+            }
+            Err(e) => Err(LockError::Fs(e)),
+        }
+    }
+}

@@ -17,6 +17,7 @@
 //! | [`ca`] | keys, CSRs, certificates, signing, pairing codes |
 //! | [`registry`] | the dispatcher's agent records |
 //! | [`runstore`] | the dispatcher's run records (`/status`) |
+//! | [`locks`] | one run of a script per host at a time |
 //! | [`fsutil`] | atomic writes and file locks used by every state file |
 //! | [`client`], [`fanout`] | the dispatcher's per-host call and its bounded fan-out |
 //! | [`dispatch`] | operations on many agents, shared by the CLI and the API server |
@@ -37,6 +38,7 @@ pub mod fanout;
 pub mod fsutil;
 pub mod hook;
 pub mod http;
+pub mod locks;
 pub mod registry;
 pub mod runstore;
 pub mod server;

@@ -205,3 +205,58 @@ fn the_api_submits_async_runs_and_status_collects_them() {
     let o = d.ok(&["status", &reqid]);
     assert!(stdout(&o).contains("==> web1  [done  exit:0]"), "{}", stdout(&o));
 }
+
+#[test]
+fn a_lock_holds_for_the_whole_run_and_refuses_a_second_one() {
+    let d = Dispatcher::new();
+    let gate = d.path().join("gate");
+    let started = d.path().join("started");
+    let mut a = d.enroll("web1");
+    a.script(
+        "deploy",
+        &format!(
+            "#!/bin/sh\ntouch {}\nwhile [ ! -e {} ]; do sleep 0.05; done\necho deployed\n",
+            started.display(),
+            gate.display()
+        ),
+        "",
+    );
+    a.script("other", "#!/bin/sh\necho other\n", "");
+    a.start();
+    assert_eq!(stdout(&d.ok(&["list-locks"])).trim(), "No locks currently held.");
+    let first = d
+        .cmd(&["run", "web1", "deploy"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_file(&started);
+    // the same script on the same host is refused while the first run holds the lock
+    let o = d.run(&["run", "web1", "deploy"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("Locked: already running: web1:deploy"), "{}", stderr(&o));
+    let o = d.run(&["run", "--json", "web1", "deploy"]);
+    assert_eq!(stdout(&o).trim(), r#"{"code":4,"conflicts":["web1:deploy"],"error":"locked","ok":false}"#);
+    // other scripts are not blocked, and list-locks shows the held one
+    assert!(stdout(&d.ok(&["run", "web1", "other"])).contains("other"));
+    let o = d.ok(&["list-locks", "--json"]);
+    assert_eq!(stdout(&o).trim(), r#"{"locks":[{"host":"web1","script":"deploy"}],"ok":true}"#);
+    // the API refuses the same run with 409
+    let api = Api::start(&d, "api_auth_default = allow");
+    let (c, b) = api.post("/run", r#"{"hosts":["web1"],"script":"deploy"}"#);
+    assert_eq!(c, 409, "{b}");
+    capture("ErrorResponse", &b);
+    assert_eq!((jstr(&json(&b), "error"), jstr(&json(&b), "code")), ("locked".into(), "4".into()));
+    std::fs::write(&gate, "").unwrap();
+    let out = first.wait_with_output().unwrap();
+    assert!(out.status.success() && stdout(&out).contains("deployed"));
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        log.contains("ACTION=lock-acquire HOST=web1 SCRIPT=deploy")
+            && log.contains("ACTION=lock-release HOSTS=web1 SCRIPT=deploy"),
+        "{log}"
+    );
+    // released: it runs again
+    assert!(stdout(&d.ok(&["run", "web1", "deploy"])).contains("deployed"));
+    assert_eq!(stdout(&d.ok(&["list-locks"])).trim(), "No locks currently held.");
+}

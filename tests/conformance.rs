@@ -148,12 +148,12 @@ fn syslog_datagrams_are_rfc3164_with_the_role_ident() {
     let mut buf = [0u8; 4096];
     while let Ok(n) = rx.recv(&mut buf) {
         got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-        if got.len() == 3 {
+        if got.len() == 5 {
             break;
         }
     }
-    assert_eq!(got.len(), 3, "{got:?}");
-    let actions = ["auth", "dispatch", "run"];
+    assert_eq!(got.len(), 5, "{got:?}");
+    let actions = ["auth", "lock-acquire", "dispatch", "run", "lock-release"];
     for (msg, action) in got.iter().zip(actions) {
         assert!(msg.starts_with("<30>"), "facility daemon, info: {msg}");
         let (stamp, rest) = msg[4..].split_at(15);
