@@ -186,6 +186,9 @@ struct Snapshot {
     tls_since: Instant,
     /// What loading noticed, logged once the snapshot is taken into use.
     notes: Vec<(&'static str, String)>,
+    /// Schema sidecars that were skipped or whose version was derived:
+    /// (action, script, reason).
+    schema_notes: Vec<(&'static str, String, String)>,
 }
 
 impl Snapshot {
@@ -201,6 +204,9 @@ impl Snapshot {
             } else {
                 audit::warn("config-warn", &[("ENTRY", entry), ("MSG", msg)]);
             }
+        }
+        for (action, script, reason) in &self.schema_notes {
+            audit::warn(action, &[("SCRIPT", script), ("REASON", reason)]);
         }
     }
 
@@ -264,18 +270,33 @@ fn load_snapshot(cfg: AgentConfig, allowlist: &Option<String>, log_stderr: bool)
         notes.push(("revoked-serials-absent", cfg.revoked_serials.display().to_string()));
     }
     notes.extend(revoked.warnings.iter().map(|w| ("revoked-serials", w.clone())));
+    let mut schemas = std::collections::BTreeMap::new();
+    let mut schema_notes = Vec::new();
+    for s in list.scripts.values() {
+        match ctrl_exec::allowlist::load_schema(&s.path) {
+            Ok(Some((schema, note))) => {
+                if let Some(n) = note {
+                    schema_notes.push(("schema-version-derive", s.name.clone(), n));
+                }
+                schemas.insert(s.name.clone(), schema);
+            }
+            Ok(None) => {}
+            Err(why) => schema_notes.push(("schema-skip", s.name.clone(), why)),
+        }
+    }
     let tls = ctrl_exec::tls::server_context(&cfg.cert, &cfg.key, &cfg.ca, cfg.tls_ticket_lifetime)
         .map_err(|e| Fail::config(format!("cannot set up TLS: {e}")))?;
     let state = AgentState {
         host: cfg.hostname.clone().unwrap_or_else(ctrl_exec::config::host_name),
         expiry: server::cert_expiry(&cfg.cert),
         log: if log_stderr { ctrl_exec::config::LogTarget::Stderr } else { cfg.log.clone() },
+        schemas,
         allowlist: list,
         trusted: trusted.value,
         revoked: revoked.value,
         config: cfg,
     };
-    Ok(Snapshot { state: Rc::new(state), tls: Rc::new(tls), tls_since: Instant::now(), notes })
+    Ok(Snapshot { state: Rc::new(state), tls: Rc::new(tls), tls_since: Instant::now(), notes, schema_notes })
 }
 
 fn not_paired(cfg: &AgentConfig) -> Option<String> {

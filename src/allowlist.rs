@@ -212,3 +212,91 @@ mod tests {
         }
     }
 }
+
+/// Largest schema sidecar read (bigger ones are treated as absent).
+pub const MAX_SCHEMA: u64 = 64 << 10;
+
+/// A script's schema sidecar (`<script path>.schema.json`): the body,
+/// advertised verbatim, and its version.
+#[derive(Debug, Clone)]
+pub struct Schema {
+    /// The sidecar's JSON object, never interpreted here.
+    pub body: miniserde::json::Value,
+    /// Its own `version` when valid, else `sha256:` + 12 hex of the canonical JSON.
+    pub version: String,
+}
+
+/// Read the sidecar of `script`: `Ok(None)` when there is none, `Err(why)`
+/// when there is one that cannot be used (then it is treated as absent).
+/// Also returns why an explicit `version` was not used, if it was not.
+pub fn load_schema(script: &Path) -> Result<Option<(Schema, Option<String>)>, String> {
+    let mut p = script.as_os_str().to_owned();
+    p.push(".schema.json");
+    let path = PathBuf::from(p);
+    let meta = match std::fs::metadata(&path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    if meta.len() > MAX_SCHEMA {
+        return Err(format!("{} is larger than {MAX_SCHEMA} bytes", path.display()));
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let Some(obj) = crate::wire::parse_object(&text) else {
+        return Err(format!("{} is not a JSON object", path.display()));
+    };
+    let body = miniserde::json::Value::Object(obj);
+    // Canonical form: keys sorted (miniserde's objects are ordered maps), no spaces.
+    let canonical = || {
+        format!(
+            "sha256:{}",
+            &crate::wire::hex(&openssl::sha::sha256(miniserde::json::to_string(&body).as_bytes()))[..12]
+        )
+    };
+    let explicit = match &body {
+        miniserde::json::Value::Object(o) => o.get("version").cloned(),
+        _ => None,
+    };
+    let (version, note) = match explicit {
+        None => (canonical(), None),
+        Some(miniserde::json::Value::String(v))
+            if (1..=64).contains(&v.len())
+                && !v.starts_with("sha256:")
+                && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) =>
+        {
+            (v, None)
+        }
+        Some(_) => {
+            (canonical(), Some("version is not [A-Za-z0-9._-]{1,64} (or starts with sha256:); derived one".into()))
+        }
+    };
+    Ok(Some((Schema { body, version }, note)))
+}
+
+#[cfg(test)]
+mod schema_tests {
+    use super::*;
+
+    #[test]
+    fn sidecar_versions() {
+        let d = tempfile::tempdir().unwrap();
+        let script = d.path().join("echo.sh");
+        assert!(load_schema(&script).unwrap().is_none());
+        // the Perl peer's own sidecar and the version it derived
+        std::fs::write(
+            d.path().join("echo.sh.schema.json"),
+            r#"{"description":"print the arguments","arguments":[{"name":"words","type":"string","required":false}]}"#,
+        )
+        .unwrap();
+        assert_eq!(load_schema(&script).unwrap().unwrap().0.version, "sha256:45126df154ea");
+        std::fs::write(d.path().join("echo.sh.schema.json"), r#"{"version":"1.2.0","arguments":[]}"#).unwrap();
+        assert_eq!(load_schema(&script).unwrap().unwrap().0.version, "1.2.0");
+        std::fs::write(d.path().join("echo.sh.schema.json"), r#"{"version":"sha256:fake"}"#).unwrap();
+        let (s, note) = load_schema(&script).unwrap().unwrap();
+        assert!(s.version.starts_with("sha256:") && s.version != "sha256:fake" && note.is_some());
+        std::fs::write(d.path().join("echo.sh.schema.json"), "[1,2]").unwrap();
+        assert!(load_schema(&script).is_err());
+        std::fs::write(d.path().join("echo.sh.schema.json"), vec![b' '; (MAX_SCHEMA + 1) as usize]).unwrap();
+        assert!(load_schema(&script).is_err());
+    }
+}

@@ -70,6 +70,8 @@ pub struct AgentState {
     pub expiry: String,
     /// Where this agent's audit lines go (passed on to detached runners).
     pub log: crate::config::LogTarget,
+    /// Schema sidecars of allowlisted scripts, by script name.
+    pub schemas: std::collections::BTreeMap<String, crate::allowlist::Schema>,
 }
 
 /// A reply: status and JSON body.
@@ -433,6 +435,9 @@ async fn capabilities(peer: &Peer, state: &AgentState) -> Reply {
             .s("profile", &s.profile);
         if let Some(t) = s.timeout {
             e = e.i("timeout", t.as_secs() as i64);
+        }
+        if let Some(schema) = state.schemas.get(&s.name) {
+            e = e.v("schema", schema.body.clone()).s("schema_version", &schema.version);
         }
         scripts.push(e.into_value());
     }

@@ -163,3 +163,57 @@ fn syslog_datagrams_are_rfc3164_with_the_role_ident() {
         assert!(rest.contains(&format!("]: ACTION={action} ")), "{msg}");
     }
 }
+
+#[test]
+fn capabilities_carry_schema_sidecars_like_the_perl_agent() {
+    let d = Dispatcher::new();
+    let mut a = d.enroll("perl-agent1");
+    let echo = a.script("echo", "#!/bin/sh\necho \"$@\"\n", "");
+    let fail = a.script("fail", "#!/bin/sh\nexit \"$1\"\n", "");
+    a.script("slow", "#!/bin/sh\nsleep \"$1\"\n", "timeout=60");
+    std::fs::write(format!("{}.schema.json", echo.display()), golden("agent/echo.sh.schema.json")).unwrap();
+    std::fs::write(format!("{}.schema.json", fail.display()), golden("agent/fail.sh.schema.json")).unwrap();
+    a.configure("[tags]\nenv = golden\nrole = db\nsite = lab-1");
+    a.start();
+    let ours = raw_exchange(&d, a.port, b"GET /capabilities HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let perl = String::from_utf8(golden("agent/capabilities-via-api-discovery.response")).unwrap();
+    assert_eq!(head_shape(&ours), head_shape(&perl));
+    let (o, p) = (json(&split_reply(&ours).1), json(&split_reply(&perl).1));
+    assert_eq!(keys(&o), keys(&p));
+    assert_eq!(jstr(&o, "tags"), jstr(&p, "tags"));
+    let scripts = |o: &miniserde::json::Object| -> Vec<miniserde::json::Object> {
+        match o.get("scripts") {
+            Some(miniserde::json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| match v {
+                    miniserde::json::Value::Object(o) => Some(o.clone()),
+                    _ => None,
+                })
+                .collect(),
+            _ => vec![],
+        }
+    };
+    let (ours_s, perl_s) = (scripts(&o), scripts(&p));
+    let names = |v: &[miniserde::json::Object]| v.iter().map(|s| jstr(s, "name")).collect::<Vec<_>>();
+    assert_eq!(names(&ours_s), ["echo", "fail", "slow"], "sorted by name");
+    for name in ["echo", "fail"] {
+        let (x, y) = (
+            ours_s.iter().find(|s| jstr(s, "name") == name).unwrap(),
+            perl_s.iter().find(|s| jstr(s, "name") == name).unwrap(),
+        );
+        assert_eq!(jstr(x, "schema_version"), jstr(y, "schema_version"), "{name}");
+        assert_eq!(jstr(x, "schema"), jstr(y, "schema"), "{name}: passed through unchanged");
+        assert_eq!(jstr(x, "executable"), "true");
+        assert_eq!(jstr(x, "profile"), "default");
+    }
+    assert_eq!(
+        jstr(ours_s.iter().find(|s| jstr(s, "name") == "echo").unwrap(), "schema_version"),
+        "sha256:45126df154ea"
+    );
+    // a broken sidecar is skipped and said so, after a reload
+    std::fs::write(format!("{}.schema.json", echo.display()), "[not an object]").unwrap();
+    a.reload();
+    assert!(a.log().contains("ACTION=schema-skip") && a.log().contains("SCRIPT=echo"), "{}", a.log());
+    let o = json(&split_reply(&raw_exchange(&d, a.port, b"GET /capabilities HTTP/1.0\r\n\r\n").unwrap()).1);
+    assert!(!jstr(scripts(&o).iter().find(|s| jstr(s, "name") == "echo").unwrap(), "schema").starts_with('{'));
+}
