@@ -311,6 +311,7 @@ async fn handle(app: &App, req: &Request, peer: IpAddr) -> Reply {
     let r = match (method, path) {
         ("GET", "/") => Ok(index()),
         ("GET", "/openapi.json") => Ok((200, OPENAPI.to_string())),
+        ("GET", "/openapi-live.json") => live_spec(app, &caller).await,
         ("POST", "/ping") => ping(app, req, &caller).await,
         ("POST", "/run") => run(app, req, &caller).await,
         ("GET" | "POST", "/discovery") => discovery(app, method, &caller).await,
@@ -334,6 +335,7 @@ fn index() -> Reply {
         ("POST", "/discovery"),
         ("GET", "/status/{reqid}"),
         ("GET", "/openapi.json"),
+        ("GET", "/openapi-live.json"),
     ] {
         endpoints.push(Obj::new().s("method", m).s("path", p).into_value());
     }
@@ -343,6 +345,7 @@ fn index() -> Reply {
             .s("name", "ctrl-exec-api")
             .s("version", ctrl_exec::VERSION)
             .s("spec", "/openapi.json")
+            .s("live_spec", "/openapi-live.json")
             .v("endpoints", Value::Array(endpoints)),
     )
 }
@@ -489,6 +492,30 @@ async fn discovery(app: &App, method: &str, caller: &Caller) -> Result<Reply, Re
         })
         .await;
     Ok(reply(200, Obj::new().b("ok", true).v("hosts", Value::Object(by_host))))
+}
+
+/// `GET /openapi-live.json`: the static document with the fleet's hosts and
+/// scripts as enums and the scripts' schemas in `x-ctrl-exec-scripts`,
+/// rebuilt from `/capabilities` on every request. It tells as much as
+/// `GET /discovery`, so it passes the same hook check (action `ping`, all hosts).
+async fn live_spec(app: &App, caller: &Caller) -> Result<Reply, Reply> {
+    let names = app.engine.registry().names().map_err(|e| error(500, "internal error", &e.to_string()))?;
+    app.authorize(&hook::Context {
+        action: "ping".into(),
+        hosts: names.clone(),
+        username: caller.username(),
+        token: caller.token.clone(),
+        source_ip: caller.ip.clone(),
+        ..Default::default()
+    })
+    .await?;
+    let targets = app.resolve(&names)?;
+    let mut caps = Vec::new();
+    app.engine.capabilities(&targets, |r| caps.push(r)).await;
+    let now = u64::try_from(ctrl_exec::time::unix_now()).unwrap_or(0);
+    ctrl_exec::openapi::live(OPENAPI, &names, &caps, now)
+        .map(|doc| (200, doc))
+        .map_err(|e| error(500, "internal error", &e.to_string()))
 }
 
 async fn status(app: &App, reqid: &str, caller: &Caller) -> Result<Reply, Reply> {

@@ -8,6 +8,8 @@ usage: check-openapi.py SPEC [CAPTURE_DIR]
    responses the server really sent) must validate against
    #/components/schemas/<Schema> of SPEC, and every schema used by a
    response in SPEC must have at least one capture.
+3. Every file CAPTURE_DIR/OpenAPI-<n>.json (live documents the server built
+   at /openapi-live.json) must itself be a valid OpenAPI 3.1 document.
 """
 import json
 import pathlib
@@ -34,8 +36,17 @@ def main() -> int:
     schemas = spec["components"]["schemas"]
     seen = set()
     failed = 0
+    live = 0
     for f in captures:
         name = f.name.split("-", 1)[0]
+        if name == "OpenAPI":
+            try:
+                validate(json.loads(f.read_text()))
+                live += 1
+            except Exception as e:  # noqa: BLE001 - report any validator failure
+                print(f"{f.name}: not a valid OpenAPI document: {e}", file=sys.stderr)
+                failed += 1
+            continue
         if name not in schemas:
             print(f"{f.name}: no schema {name} in the document", file=sys.stderr)
             failed += 1
@@ -60,7 +71,10 @@ def main() -> int:
     if missing:
         print(f"response schemas never exercised by a capture: {', '.join(missing)}", file=sys.stderr)
         failed += 1
-    print(f"{len(captures)} captured responses checked against {len(seen)} schemas: {'FAILED' if failed else 'ok'}")
+    print(
+        f"{len(captures) - live} captured responses checked against {len(seen)} schemas, "
+        f"{live} live documents validated: {'FAILED' if failed else 'ok'}"
+    )
     return 1 if failed else 0
 
 

@@ -18,6 +18,7 @@
 //! | [`registry`] | the dispatcher's agent records |
 //! | [`runstore`] | the dispatcher's run records (`/status`) |
 //! | [`locks`] | one run of a script per host at a time |
+//! | [`openapi`] | the live OpenAPI document built from the fleet |
 //! | [`fsutil`] | atomic writes and file locks used by every state file |
 //! | [`client`], [`fanout`] | the dispatcher's per-host call and its bounded fan-out |
 //! | [`dispatch`] | operations on many agents, shared by the CLI and the API server |
@@ -39,6 +40,7 @@ pub mod fsutil;
 pub mod hook;
 pub mod http;
 pub mod locks;
+pub mod openapi;
 pub mod registry;
 pub mod runstore;
 pub mod server;

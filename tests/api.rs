@@ -301,3 +301,69 @@ fn the_api_speaks_tls_when_given_a_certificate() {
     let (c, _) = api.get("/health");
     assert_eq!(c, 0);
 }
+
+#[test]
+fn the_live_document_describes_the_fleet_and_validates() {
+    let d = Dispatcher::new();
+    let mut a1 = d.enroll("web-01");
+    let deploy = a1.script("deploy", "#!/bin/sh\necho deployed\n", "");
+    std::fs::write(format!("{}.schema.json", deploy.display()), r#"{"version":"2","args":[{"name":"tag"}]}"#).unwrap();
+    a1.script("uptime", "#!/bin/sh\nuptime\n", "");
+    a1.start();
+    let mut a2 = d.enroll("db-01");
+    a2.script("deploy", "#!/bin/sh\necho deployed\n", "");
+    a2.script("backup", "#!/bin/sh\necho backed up\n", "");
+    a2.start();
+    let down = d.enroll("down-01");
+    down.script("secret", "#!/bin/sh\necho\n", "");
+    let api = Api::start(&d, "api_auth_default = allow");
+    let (c, b) = api.get("/");
+    assert_eq!(c, 200);
+    assert_eq!(jstr(&json(&b), "live_spec"), "/openapi-live.json");
+    assert!(b.contains(r#""path":"/openapi-live.json""#), "{b}");
+
+    let (c, b) = api.get("/openapi-live.json");
+    assert_eq!(c, 200, "{b}");
+    capture("OpenAPI", &b);
+    let doc = json(&b);
+    let get = |o: &miniserde::json::Object, path: &[&str]| -> String {
+        let mut cur = o.clone();
+        for k in &path[..path.len() - 1] {
+            cur = json(&jstr(&cur, k));
+        }
+        jstr(&cur, path[path.len() - 1])
+    };
+    // every registered name, reachable or not, is a valid host
+    for body in ["PingRequest", "RunRequest", "DiscoveryRequest"] {
+        assert_eq!(
+            get(&doc, &["components", "schemas", body, "properties", "hosts", "items", "enum"]),
+            r#"["db-01","down-01","web-01"]"#,
+            "{body}"
+        );
+    }
+    // scripts come from the agents that answered
+    assert_eq!(
+        get(&doc, &["components", "schemas", "RunRequest", "properties", "script", "enum"]),
+        r#"["backup","deploy","uptime"]"#
+    );
+    assert_eq!(
+        get(&doc, &["x-ctrl-exec-scripts", "deploy"]),
+        r#"[{"hosts":["db-01"]},{"hosts":["web-01"],"schema":{"args":[{"name":"tag"}],"version":"2"},"schema_version":"2"}]"#
+    );
+    let version = get(&doc, &["info", "version"]);
+    let (base, stamp) = version.split_once('+').expect("version+epoch");
+    assert_eq!(base, env!("CARGO_PKG_VERSION"));
+    assert!(stamp.parse::<u64>().unwrap() > 1_700_000_000, "{version}");
+    // the static document is served unchanged
+    let (_, s) = api.get("/openapi.json");
+    assert!(!json(&s).contains_key("x-ctrl-exec-scripts") && !s.contains("down-01"));
+
+    // the live document tells what discovery tells, so it passes the same hook check
+    let tmp = tempfile::tempdir().unwrap();
+    let hook = tmp.path().join("hook");
+    write_exec(&hook, "#!/bin/sh\n[ \"$ENVEXEC_ACTION\" = ping ] && exit 3\nexit 0\n");
+    let d2 = Dispatcher::with_config(&format!("auth_hook = {}", hook.display()));
+    let api2 = Api::start(&d2, "");
+    let (c, b) = api2.get("/openapi-live.json");
+    assert_eq!((c, jstr(&json(&b), "error")), (403, "insufficient privilege".into()), "{b}");
+}
