@@ -142,6 +142,11 @@ struct InstallBundle {
     /// replace an existing, different agent identity in --dir
     #[argh(switch)]
     force: bool,
+    /// absolute directory for what the agent writes while running (staged
+    /// certificate, detached-run results) when --dir will be read-only, e.g.
+    /// /var/lib/ctrl-exec-agent under the shipped systemd unit
+    #[argh(option)]
+    state_dir: Option<String>,
 }
 
 /// Entry point of the agent role.
@@ -270,6 +275,17 @@ fn load_snapshot(cfg: AgentConfig, allowlist: &Option<String>, log_stderr: bool)
         notes.push(("revoked-serials-absent", cfg.revoked_serials.display().to_string()));
     }
     notes.extend(revoked.warnings.iter().map(|w| ("revoked-serials", w.clone())));
+    // Written at run time: say so at start rather than at the first detached
+    // run or renewal (a read-only /etc under a service sandbox, typically).
+    let staging_dir = cfg.cert_staging_path.parent().unwrap_or(Path::new("."));
+    for (key, dir, what) in [
+        ("async_runs_dir", cfg.async_runs_dir.as_path(), "detached (async) runs will be refused"),
+        ("cert_staging_path", staging_dir, "certificate renewals cannot be staged"),
+    ] {
+        if let Err(why) = ctrl_exec::fsutil::check_writable_dir(dir) {
+            notes.push((key, format!("{} is not writable ({why}): {what}", dir.display())));
+        }
+    }
     let mut schemas = std::collections::BTreeMap::new();
     let mut schema_notes = Vec::new();
     for s in list.scripts.values() {
@@ -319,6 +335,9 @@ fn serve(a: Serve) -> AppResult {
     let addr = SocketAddr::new(cfg.bind.parse::<IpAddr>().unwrap_or(IpAddr::from([0, 0, 0, 0])), cfg.port);
     let snap = load_snapshot(cfg, &a.allowlist, a.log_stderr)?;
     if a.check {
+        for (entry, msg) in snap.notes.iter().filter(|(e, _)| *e != "revoked-serials-absent") {
+            eprintln!("warning: {entry}: {msg}");
+        }
         println!("{}: configuration OK", snap.state.config.path.display());
         return Ok(EXIT_OK);
     }
@@ -694,6 +713,15 @@ fn async_run(a: AsyncRun) -> AppResult {
         None => ctrl_exec::config::LogTarget::Stderr,
     };
     common::init_audit("ctrl-exec-agent", &target, false);
+    // The lock stays with this process: the script and anything it leaves
+    // behind must not inherit it (nor be able to release it).
+    // SAFETY: fcntl on a descriptor number only changes that descriptor's flags.
+    unsafe {
+        let flags = libc::fcntl(3, libc::F_GETFD);
+        if flags < 0 || libc::fcntl(3, libc::F_SETFD, flags | libc::FD_CLOEXEC) < 0 {
+            return Err(Fail::new("the runner was started without its lock on descriptor 3"));
+        }
+    }
     let mut text = String::new();
     std::io::stdin()
         .take(4 << 20)
@@ -701,6 +729,9 @@ fn async_run(a: AsyncRun) -> AppResult {
         .map_err(|e| Fail::new(format!("cannot read the job: {e}")))?;
     let job = ctrl_exec::asyncrun::Job::from_json(&text).ok_or_else(|| Fail::new("malformed job on stdin"))?;
     let out = smol::block_on(ctrl_exec::exec::run(&job.spec()));
+    if let Some(n) = out.stdin_unwritten {
+        audit::warn("stdin-timeout", &[("BYTES", &n.to_string()), ("REQID", &job.reqid), ("SCRIPT", &job.script)]);
+    }
     let store = ctrl_exec::asyncrun::Store::new(job.record.parent().and_then(|p| p.parent()).unwrap_or(Path::new(".")));
     if let Err(e) = store.write(&job.record, &job.done_record(&out)) {
         audit::err("async-store-fail", &[("REQID", &job.reqid), ("ERROR", &e.to_string())]);
@@ -708,19 +739,23 @@ fn async_run(a: AsyncRun) -> AppResult {
     let exit = out.exit.to_string();
     let args = miniserde::json::to_string(&ctrl_exec::wire::str_array(&job.args));
     let user = if job.username.is_empty() { "(none)" } else { job.username.as_str() };
-    audit::info(
-        "run",
-        &[
-            ("SCRIPT", &job.script),
-            ("EXIT", &exit),
-            ("PEER", &job.peer),
-            ("DISPATCHER", &job.owner),
-            ("REQID", &job.reqid),
-            ("USER", user),
-            ("ARGS", &args),
-            ("MODE", "async"),
-        ],
-    );
+    let mut fields = vec![
+        ("SCRIPT", job.script.as_str()),
+        ("EXIT", exit.as_str()),
+        ("PEER", job.peer.as_str()),
+        ("DISPATCHER", job.owner.as_str()),
+        ("REQID", job.reqid.as_str()),
+        ("USER", user),
+        ("ARGS", args.as_str()),
+        ("MODE", "async"),
+    ];
+    if out.timed_out {
+        fields.push(("TIMEOUT", "killed"));
+    }
+    if out.truncated {
+        fields.push(("TRUNCATED", "yes"));
+    }
+    audit::info("run", &fields);
     Ok(EXIT_OK)
 }
 
@@ -732,7 +767,7 @@ fn install_bundle(a: InstallBundle) -> AppResult {
         .map_err(|e| Fail::new(format!("cannot read the bundle from stdin: {e}")))?;
     let b = Bundle::parse(&text)?;
     let dir = Path::new(&a.dir);
-    for line in b.install(dir, a.force)? {
+    for line in b.install(dir, a.state_dir.as_deref().map(Path::new), a.force)? {
         println!("  {line}");
     }
     println!("Installed the identity of '{}' in {}.", b.name, dir.display());

@@ -232,7 +232,7 @@ fn enroll(a: Enroll) -> AppResult {
     let _lock = reg.lock()?;
     refuse_existing()?;
     if let Some(out) = &a.out {
-        for line in bundle.install(std::path::Path::new(out), a.force)? {
+        for line in bundle.install(std::path::Path::new(out), None, a.force)? {
             eprintln!("  {line}");
         }
     }

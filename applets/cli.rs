@@ -315,7 +315,7 @@ fn submit(engine: &Engine, targets: &[Target], req: &RunRequest, json_out: bool)
         }
         results.push(r);
     }));
-    let record = dispatch::async_record(&req.reqid, &req.script, &results, Some((&req.username, "127.0.0.1")));
+    let record = dispatch::async_record(&req.reqid, &req.script, targets, &results, Some((&req.username, "127.0.0.1")));
     if let Err(e) = RunStore::new(&engine.cfg.runs_dir).put(&req.reqid, &record) {
         eprintln!("warning: the run was submitted but could not be recorded ({e}); 'status' will not find it");
     }

@@ -36,7 +36,7 @@ pub const ROLES: &[Role] = &[
         name: "ctrl-exec",
         aliases: &["ctrl-exec-dispatcher", "ced"],
         sub: "",
-        summary: "operator CLI: run, ping, list-agents",
+        summary: "operator CLI: run, status, wait, ping, list-agents, list-locks",
         main: cli::main,
     },
     Role {
@@ -84,9 +84,11 @@ fn top_help() -> String {
     }
     s.push_str(
         "\nOperator verbs:\n\
-         \x20 run <host>[:<port>]... <script> [-- <arg>...]   run a script on agents\n\
+         \x20 run <host>[:<port>]... <script> [-- <arg>...]   run a script on agents (--async: detached)\n\
+         \x20 status <reqid> | wait <reqid> [--timeout <s>]  follow a detached run\n\
          \x20 ping <host>[:<port>]...                        check agents answer\n\
          \x20 list-agents [--json] [--tags k=v,...]          show the registry\n\
+         \x20 list-locks [--json]                            scripts held by running runs\n\
          \x20 setup-ca | setup-ctrl-exec | enroll <name> ...  CA verbs (see ctrl-exec ca --help)\n\
          \nOther:\n\
          \x20 --version                print the version\n\

@@ -436,7 +436,7 @@ async fn run(app: &App, req: &Request, caller: &Caller) -> Result<Reply, Reply> 
     if detach {
         let mut results = Vec::new();
         app.engine.submit(&targets, &run, |r| results.push(r)).await;
-        let record = dispatch::async_record(&reqid, &script, &results, Some((&username, &caller.ip)));
+        let record = dispatch::async_record(&reqid, &script, &targets, &results, Some((&username, &caller.ip)));
         if let Err(e) = app.store.put(&reqid, &record) {
             audit::warn("run-store-fail", &[("REQID", &reqid), ("ERROR", &e.to_string())]);
         }

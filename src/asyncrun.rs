@@ -239,9 +239,22 @@ impl Job {
 pub async fn spawn_runner(job: &Job, lock: File, log: &crate::config::LogTarget) -> std::io::Result<()> {
     use std::os::unix::process::CommandExt;
     use std::process::Stdio;
-    let exe = std::env::current_exe()?;
+    // /proc/self/exe still reaches this very binary after an upgrade has
+    // replaced (unlinked) the file on disk; the path may not.
+    let exe = match Path::new("/proc/self/exe").exists() {
+        true => std::path::PathBuf::from("/proc/self/exe"),
+        false => std::env::current_exe()?,
+    };
     let mut cmd = std::process::Command::new(exe);
-    cmd.args(["agent", "async-run"]).env_clear().env("PATH", crate::exec::SAFE_PATH);
+    cmd.arg0("ctrl-exec").args(["agent", "async-run"]);
+    // The runner passes on to the script what a synchronous run passes on:
+    // PATH and the agent's own locale and identity variables.
+    cmd.env_clear().env("PATH", crate::exec::SAFE_PATH);
+    for k in crate::exec::PASSED_ENV {
+        if let Some(v) = std::env::var_os(k) {
+            cmd.env(k, v);
+        }
+    }
     if let crate::config::LogTarget::Syslog(sock) = log {
         cmd.arg("--syslog-socket").arg(sock);
     }

@@ -174,9 +174,19 @@ impl Bundle {
     }
 
     /// Write the identity into `dir`. Returns one line per file for the operator.
-    pub fn install(&self, dir: &Path, force: bool) -> Result<Vec<String>, BundleError> {
+    ///
+    /// `state`: where the agent writes at run time (staged certificate,
+    /// detached-run results). `None` keeps them in `dir`, which suits a
+    /// self-contained directory; a read-only `/etc` needs a separate one.
+    pub fn install(&self, dir: &Path, state: Option<&Path>, force: bool) -> Result<Vec<String>, BundleError> {
         let fs_err = |e: fsutil::FsError| BundleError(e.to_string());
         fsutil::ensure_dir(dir, 0o750).map_err(fs_err)?;
+        if let Some(s) = state {
+            if !s.is_absolute() {
+                return Err(BundleError(format!("--state-dir must be an absolute path, not {}", s.display())));
+            }
+            fsutil::ensure_dir(s, 0o750).map_err(fs_err)?;
+        }
         let key_path = dir.join("agent.key");
         if let Ok(existing) = std::fs::read(&key_path)
             && existing != self.file("agent.key")
@@ -222,7 +232,7 @@ impl Bundle {
                 }
             }
             Err(_) => {
-                fsutil::atomic_write(&conf, agent_conf(&self.name, self.port, &self.bind).as_bytes(), 0o640)
+                fsutil::atomic_write(&conf, agent_conf(&self.name, self.port, &self.bind, state).as_bytes(), 0o640)
                     .map_err(fs_err)?;
                 report.push(format!("wrote     {}", conf.display()));
             }
@@ -283,8 +293,13 @@ fn set_listen(text: &str, port: u16, bind: &str) -> (String, Vec<String>) {
 }
 
 /// A ready `agent.conf` whose paths are relative to its own directory, so the
-/// directory can be moved or copied as a whole.
-pub fn agent_conf(name: &str, port: u16, bind: &str) -> String {
+/// directory can be moved or copied as a whole; with `state`, the files the
+/// agent writes at run time go there instead.
+pub fn agent_conf(name: &str, port: u16, bind: &str, state: Option<&Path>) -> String {
+    let (staged, runs) = match state {
+        Some(s) => (s.join("agent.crt.staged").display().to_string(), s.join("runs").display().to_string()),
+        None => ("agent.crt.staged".into(), "runs".into()),
+    };
     format!(
         "# ctrl-exec agent configuration for '{name}', written at enrolment.\n\
          # Relative paths are relative to this file's directory.\n\
@@ -297,8 +312,8 @@ pub fn agent_conf(name: &str, port: u16, bind: &str) -> String {
          allowlist = scripts.conf\n\
          trusted_dispatchers_path = ctrl-exec-dispatchers\n\
          revoked_serials = revoked-serials\n\
-         cert_staging_path = agent.crt.staged\n\
-         async_runs_dir = runs\n\
+         cert_staging_path = {staged}\n\
+         async_runs_dir = {runs}\n\
          # max_output = 1048576\n\
          # auth_hook = /etc/ctrl-exec-agent/auth-hook\n\
          # script_dirs = /opt/ctrl-exec-scripts\n"
@@ -357,14 +372,14 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let mut b = sample();
         b.files[3].1 = b"2 disp-a\n".to_vec();
-        b.install(d.path(), false).unwrap();
+        b.install(d.path(), None, false).unwrap();
         let conf = d.path().join("agent.conf");
         let text = std::fs::read_to_string(&conf).unwrap().replace("# max_output = 1048576", "max_output = 5000");
         std::fs::write(&conf, text).unwrap();
         std::fs::write(d.path().join("ctrl-exec-dispatchers"), "2 disp-a\n7b disp-b\n").unwrap();
         b.port = 7444;
         b.bind = "127.0.0.1".into();
-        let report = b.install(d.path(), false).unwrap();
+        let report = b.install(d.path(), None, false).unwrap();
         assert!(
             report.iter().any(|l| l.contains("port 7443 -> 7444") && l.contains("bind 0.0.0.0 -> 127.0.0.1")),
             "{report:?}"
@@ -384,16 +399,16 @@ mod tests {
     fn install_is_idempotent_and_guards_identity() {
         let d = tempfile::tempdir().unwrap();
         let b = sample();
-        b.install(d.path(), false).unwrap();
+        b.install(d.path(), None, false).unwrap();
         assert_eq!(fsutil::mode_of(&d.path().join("agent.key")), Some(0o600));
         std::fs::write(d.path().join("scripts.conf"), "mine = /bin/true\n").unwrap();
-        let again = b.install(d.path(), false).unwrap();
+        let again = b.install(d.path(), None, false).unwrap();
         assert!(again.iter().filter(|l| l.starts_with("unchanged")).count() == 4, "{again:?}");
         assert_eq!(std::fs::read_to_string(d.path().join("scripts.conf")).unwrap(), "mine = /bin/true\n");
         let mut other = sample();
         other.files[0].1 = b"another key".to_vec();
-        assert!(other.install(d.path(), false).unwrap_err().0.contains("different key"));
-        other.install(d.path(), true).unwrap();
+        assert!(other.install(d.path(), None, false).unwrap_err().0.contains("different key"));
+        other.install(d.path(), None, true).unwrap();
         assert_eq!(std::fs::read(d.path().join("agent.key")).unwrap(), b"another key");
     }
 }

@@ -423,7 +423,16 @@ impl Engine {
         let mut targets = Vec::new();
         for name in &pending {
             match resolve(&self.registry(), std::slice::from_ref(name), None) {
-                Ok(mut t) => targets.append(&mut t),
+                Ok(mut t) => {
+                    let submitted = match hosts.get(name) {
+                        Some(Value::Object(h)) => get_i64(h, "port").and_then(|p| u16::try_from(p).ok()),
+                        _ => None,
+                    };
+                    if let (Some(p), Some(t)) = (submitted, t.first_mut()) {
+                        t.port = p;
+                    }
+                    targets.append(&mut t)
+                }
                 Err(e) => {
                     if let Some(Value::Object(h)) = hosts.get_mut(name) {
                         h.insert("fetch_error".into(), Value::String(e.to_string()));
@@ -492,7 +501,16 @@ impl Engine {
 }
 
 /// A new async record from submit results.
-pub fn async_record(reqid: &str, script: &str, results: &[Object], submitter: Option<(&str, &str)>) -> Object {
+///
+/// Each host keeps the `port` it was reached at, so `status` and `wait` find
+/// it again when it was given as `name:port` or with `--port`.
+pub fn async_record(
+    reqid: &str,
+    script: &str,
+    targets: &[Target],
+    results: &[Object],
+    submitter: Option<(&str, &str)>,
+) -> Object {
     let mut hosts = Object::new();
     let mut pending = Vec::new();
     for r in results {
@@ -502,6 +520,9 @@ pub fn async_record(reqid: &str, script: &str, results: &[Object], submitter: Op
             pending.push(name.clone());
         }
         let mut h = Obj::new().s("status", &status);
+        if let Some(t) = targets.iter().find(|t| t.name == name) {
+            h = h.i("port", i64::from(t.port));
+        }
         if let Some(e) = get_str(r, "error") {
             h = h.s("error", e);
         }

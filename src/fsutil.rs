@@ -70,6 +70,15 @@ pub fn atomic_write_nosync(path: &Path, data: &[u8], mode: u32) -> Result<(), Fs
     write_file(path, data, mode, None, false)
 }
 
+/// Like [`atomic_write_nosync`], giving the file the owner and group of the
+/// directory it is in (when run as root; otherwise the writer's own). Used by
+/// stores shared by a root CLI and an unprivileged service.
+pub fn atomic_write_nosync_dir_owner(path: &Path, data: &[u8], mode: u32) -> Result<(), FsError> {
+    use std::os::unix::fs::MetadataExt;
+    let owner = path.parent().and_then(|d| fs::metadata(d).ok()).map(|m| (m.uid(), m.gid()));
+    write_file(path, data, mode, owner, false)
+}
+
 fn write_file(path: &Path, data: &[u8], mode: u32, owner: Option<(u32, u32)>, sync: bool) -> Result<(), FsError> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -140,6 +149,33 @@ impl FileLock {
     }
 }
 
+/// Whether this process could create or write files in directory `dir`
+/// (or, if it does not exist yet, create it): `Err` says why not, e.g. a
+/// read-only file system under a service sandbox.
+pub fn check_writable_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut probe = dir;
+    while !probe.exists() {
+        match probe.parent() {
+            Some(p) if !p.as_os_str().is_empty() => probe = p,
+            _ => {
+                probe = Path::new(".");
+                break;
+            }
+        }
+    }
+    if !probe.is_dir() {
+        return Err(format!("{} is not a directory", probe.display()));
+    }
+    let c = std::ffi::CString::new(probe.as_os_str().as_bytes()).map_err(|_| "path contains a NUL byte".to_string())?;
+    // SAFETY: `c` is a valid NUL-terminated path.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } == 0 {
+        Ok(())
+    } else {
+        Err(format!("{}: {}", probe.display(), io::Error::last_os_error()))
+    }
+}
+
 /// Permission bits of a file (for self-checks and tests).
 pub fn mode_of(path: &Path) -> Option<u32> {
     use std::os::unix::fs::PermissionsExt;
@@ -197,5 +233,22 @@ mod tests {
         let p = d.path().join("nope/x");
         let e = atomic_write(&p, b"x", 0o600).unwrap_err();
         assert!(e.to_string().contains("nope/x"), "{e}");
+    }
+
+    #[test]
+    fn writable_dir_check_walks_up_to_an_existing_parent() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(check_writable_dir(&d.path().join("not/yet/there")).is_ok());
+        let ro = d.path().join("ro");
+        fs::create_dir(&ro).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&ro, fs::Permissions::from_mode(0o555)).unwrap();
+        // root ignores mode bits; the check is only meaningful for others
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(check_writable_dir(&ro.join("runs")).is_err());
+        }
+        let file = d.path().join("f");
+        fs::write(&file, "").unwrap();
+        assert!(check_writable_dir(&file.join("runs")).unwrap_err().contains("not a directory"));
     }
 }

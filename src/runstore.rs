@@ -39,8 +39,10 @@ impl RunStore {
         };
         fsutil::ensure_dir(&self.dir, 0o750)?;
         // No fsync: a record lost in a crash costs a /status 404, and a busy API
-        // writes one per run (hundreds a second).
-        fsutil::atomic_write_nosync(&path, json::to_string(record).as_bytes(), 0o640)
+        // writes one per run (hundreds a second). Records belong to the
+        // directory's owner, so one written by root's CLI stays readable and
+        // rewritable by the API server's user.
+        fsutil::atomic_write_nosync_dir_owner(&path, json::to_string(record).as_bytes(), 0o640)
     }
 
     /// Read a record; `Ok(None)` if there is none (or the id is invalid).
@@ -77,6 +79,26 @@ impl RunStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn records_take_the_owner_of_the_runs_directory() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("runs");
+        std::fs::create_dir(&dir).unwrap();
+        // SAFETY: plain libc queries and a chown of our own temporary directory.
+        let root = unsafe { libc::geteuid() } == 0;
+        let want = if root {
+            std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+            65534
+        } else {
+            unsafe { libc::geteuid() }
+        };
+        let s = RunStore::new(&dir);
+        s.put("cd34", &crate::wire::Obj::new().s("reqid", "cd34").0).unwrap();
+        let m = std::fs::metadata(dir.join("cd34.json")).unwrap();
+        assert_eq!(m.uid(), want, "root wrote it, but the directory's owner must keep access");
+    }
 
     #[test]
     fn put_get_purge() {

@@ -315,6 +315,21 @@ async fn start_detached(mut job: crate::asyncrun::Job, state: &AgentState) -> Re
                 .s("error", "could not start async job"),
         )
     };
+    let Some(path) = store.record_path(&job.owner, &job.reqid) else {
+        return failed("invalid owner or reqid".into());
+    };
+    if path.exists() {
+        // A reqid names one result: a second run under it would overwrite the first.
+        audit::warn("run-async-refused", &[fields.as_slice(), &[("REASON", "reqid-reused")]].concat());
+        return reply(
+            200,
+            Obj::new()
+                .s("script", &job.script)
+                .i("exit", -1)
+                .s("reqid", &job.reqid)
+                .s("error", "request id already used for an async run; use a new reqid"),
+        );
+    }
     let lock = match store.try_lock(&job.script) {
         Ok(Some(l)) => l,
         Ok(None) => {
@@ -329,9 +344,6 @@ async fn start_detached(mut job: crate::asyncrun::Job, state: &AgentState) -> Re
             );
         }
         Err(e) => return failed(e.to_string()),
-    };
-    let Some(path) = store.record_path(&job.owner, &job.reqid) else {
-        return failed("invalid owner or reqid".into());
     };
     job.record = path;
     if let Err(e) = store.write(&job.record, &job.running_record()) {

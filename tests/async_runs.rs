@@ -97,6 +97,11 @@ fn the_agent_runs_detached_one_per_script_and_keeps_results_per_dispatcher() {
     assert!(a.log().contains("MODE=async") && a.log().contains("REQID=r1"), "{}", a.log());
     let (c, _) = post_run(&d, a.port, r#"{"script":"slow","reqid":"r4","async":true}"#);
     assert_eq!(c, 202, "the lock is free again");
+    // a reqid names one result: reusing it is refused, the first result stays
+    let (c, o) = post_run(&d, a.port, r#"{"script":"slow","reqid":"r1","async":true}"#);
+    assert_eq!((c, jstr(&o, "exit")), (200, "-1".into()), "{o:?}");
+    assert!(jstr(&o, "error").contains("already used"), "{o:?}");
+    assert_eq!(jstr(&get_result(d.path(), "dispatcher", a.port, "r1").1, "stdout"), "done x\n");
     let (c, o) = get_result(d.path(), "dispatcher", a.port, "0123456789abcdef");
     assert_eq!((c, jstr(&o, "status"), jstr(&o, "reqid")), (404, "unknown".into(), "0123456789abcdef".into()));
 }
@@ -259,4 +264,56 @@ fn a_lock_holds_for_the_whole_run_and_refuses_a_second_one() {
     // released: it runs again
     assert!(stdout(&d.ok(&["run", "web1", "deploy"])).contains("deployed"));
     assert_eq!(stdout(&d.ok(&["list-locks"])).trim(), "No locks currently held.");
+}
+
+#[test]
+fn a_detached_script_gets_the_usual_environment_and_cannot_keep_the_lock() {
+    let d = Dispatcher::new();
+    let mut a = d.enroll("web1");
+    // The script leaves a background process behind: it must not inherit the lock.
+    a.script("bg", "#!/bin/sh\nsleep 3 </dev/null >/dev/null 2>&1 &\necho \"home=$HOME\"\n", "");
+    // Start the agent from a copy of the binary, then replace that copy the
+    // way a package upgrade does (a new file renamed over the old one).
+    let exe = d.path().join("ctrl-exec-copy");
+    std::fs::copy(bin(), &exe).unwrap();
+    a.start_exe(&exe);
+    let fresh = d.path().join("ctrl-exec-new");
+    std::fs::copy(bin(), &fresh).unwrap();
+    std::fs::rename(&fresh, &exe).unwrap();
+
+    let (c, o) = post_run(&d, a.port, r#"{"script":"bg","reqid":"e1","async":true}"#);
+    assert_eq!((c, jstr(&o, "status")), (202, "accepted".into()), "{o:?}");
+    let done = |reqid: &str| jstr(&get_result(d.path(), "dispatcher", a.port, reqid).1, "status") == "done";
+    until("the first run to finish", || done("e1"));
+    let (_, r) = get_result(d.path(), "dispatcher", a.port, "e1");
+    let home = std::env::var("HOME").unwrap_or_default();
+    assert_eq!(jstr(&r, "stdout"), format!("home={home}\n"), "{r:?}");
+    // The sleep is still running, yet the script is free again.
+    let (c, o) = post_run(&d, a.port, r#"{"script":"bg","reqid":"e2","async":true}"#);
+    assert_eq!((c, jstr(&o, "status")), (202, "accepted".into()), "{o:?}");
+    until("the second run to finish", || done("e2"));
+}
+
+#[test]
+fn status_finds_a_host_again_at_the_port_it_was_submitted_to() {
+    let d = Dispatcher::new();
+    let mut a = d.enroll("moved1");
+    a.script("job", "#!/bin/sh\necho moved\n", "");
+    // The agent now listens elsewhere than the registry says.
+    let port = free_port();
+    let conf = std::fs::read_to_string(a.conf()).unwrap();
+    let conf: String = conf
+        .lines()
+        .map(|l| if l.starts_with("port =") { format!("port = {port}\n") } else { format!("{l}\n") })
+        .collect();
+    std::fs::write(a.conf(), conf).unwrap();
+    a.port = port;
+    a.start();
+    let o = d.ok(&["run", "--async", "--json", &format!("moved1:{port}"), "job"]);
+    let reqid = jstr(&json(&stdout(&o)), "reqid");
+    let o = d.run(&["wait", "--timeout", "20", &reqid]);
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("==> moved1  [done  exit:0]\nmoved\n"), "{}", stdout(&o));
+    let rec = json(&stdout(&d.ok(&["status", "--json", &reqid])));
+    assert!(jstr(&rec, "hosts").contains(&format!("\"port\":{port}")), "{rec:?}");
 }

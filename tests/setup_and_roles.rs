@@ -347,3 +347,56 @@ fn serve_check_validates_without_listening() {
     assert_eq!(o.status.code(), Some(78));
     assert!(stderr(&o).contains("uses profile 'hardened'"), "{}", stderr(&o));
 }
+
+#[test]
+fn state_can_live_outside_a_read_only_config_dir_and_unwritable_state_is_reported() {
+    let d = Dispatcher::new();
+    let port = free_port();
+    let o = d.ok(&["enroll", "gw1", "--ip", "127.0.0.1", "--agent-port", &port.to_string(), "--bundle"]);
+    let (etc, var) = (d.path().join("etc-agent"), d.path().join("var-agent"));
+    let install = |extra: &[&str]| {
+        let mut c = Command::new(bin());
+        c.args(["agent", "install-bundle", "--dir", etc.to_str().unwrap()]).args(extra);
+        c.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        std::io::Write::write_all(child.stdin.as_mut().unwrap(), stdout(&o).as_bytes()).unwrap();
+        drop(child.stdin.take());
+        child.wait_with_output().unwrap()
+    };
+    let r = install(&["--state-dir", "relative/state"]);
+    assert_eq!(r.status.code(), Some(1));
+    assert!(stderr(&r).contains("absolute"), "{}", stderr(&r));
+    let r = install(&["--state-dir", var.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    assert!(var.is_dir());
+    let conf = std::fs::read_to_string(etc.join("agent.conf")).unwrap();
+    assert!(conf.contains(&format!("async_runs_dir = {}/runs", var.display())), "{conf}");
+    assert!(conf.contains(&format!("cert_staging_path = {}/agent.crt.staged", var.display())), "{conf}");
+    // the detached run writes its result under the state directory
+    let mut a = Agent { dir: etc.clone(), port, name: "gw1".into(), child: None };
+    std::fs::create_dir_all(etc.join("scripts")).unwrap();
+    a.script("uptime", "#!/bin/sh\necho up\n", "");
+    a.start();
+    let o = d.ok(&["run", "gw1", "uptime", "--async", "--json"]);
+    let reqid = jstr(&json(&stdout(&o)), "reqid");
+    let o = d.ok(&["wait", &reqid, "--timeout", "20"]);
+    assert!(stdout(&o).contains("up"), "{}", stdout(&o));
+    assert!(std::fs::read_dir(var.join("runs")).unwrap().count() > 0);
+    a.stop();
+    // a state path that cannot be written is reported at start and by --check
+    let blocker = d.path().join("a-file");
+    std::fs::write(&blocker, "").unwrap();
+    a.configure(&format!("async_runs_dir = {}/runs", blocker.display()));
+    let o = Command::new(bin())
+        .args(["agent", "serve", "--check", "--config", a.conf().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("warning: async_runs_dir:") && stderr(&o).contains("not a directory"),
+        "{}",
+        stderr(&o)
+    );
+    a.start();
+    assert!(a.log().contains("ENTRY=async_runs_dir"), "{}", a.log());
+}

@@ -160,8 +160,13 @@ impl Agent {
     }
 
     pub fn start(&mut self) {
+        self.start_exe(&bin());
+    }
+
+    /// Start the agent from a given copy of the binary.
+    pub fn start_exe(&mut self, exe: &Path) {
         let log = std::fs::File::create(self.log_path()).unwrap();
-        let child = Command::new(bin())
+        let child = Command::new(exe)
             .args(["agent", "serve", "--log-stderr", "--config", self.conf().to_str().unwrap()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
