@@ -1,10 +1,13 @@
 //! Load generator for the API server, used by `make bench`.
 //!
 //! `api_load <port> <clients> <seconds> <host>...` keeps `clients`
-//! connections busy with `POST /run` of the script `trivial`, each request to
-//! the next host in turn, for `seconds`, then prints one line:
-//! `requests=<n> ok=<n> errors=<n> rps=<f> median_ms=<f> p95_ms=<f>`.
-//! A request counts as ok when the API answers 200 and the agent's exit is 0.
+//! connections busy with `POST /run`, each request to the next host in turn,
+//! for `seconds`, then prints one line:
+//! `requests=<n> ok=<n> locked=<n> errors=<n> rps=<f> median_ms=<f> p95_ms=<f>`.
+//! Client `i` runs the script `trivial-<i>`: a synchronous run holds the
+//! dispatcher lock for its host and script, so clients sharing one script
+//! would mostly measure 409s. A request counts as ok when the API answers 200
+//! and the agent's exit is 0; `locked` counts 409s (which should stay 0).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -12,23 +15,35 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-fn one(port: u16, host: &str) -> bool {
-    let body = format!(r#"{{"hosts":["{host}"],"script":"trivial"}}"#);
+enum Outcome {
+    Ok,
+    Locked,
+    Failed,
+}
+
+fn one(port: u16, host: &str, script: &str) -> Outcome {
+    let body = format!(r#"{{"hosts":["{host}"],"script":"{script}"}}"#);
     let req = format!(
         "POST /run HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return Outcome::Failed };
     let _ = s.set_nodelay(true);
     if s.write_all(req.as_bytes()).is_err() {
-        return false;
+        return Outcome::Failed;
     }
     let mut out = Vec::with_capacity(1024);
     if s.read_to_end(&mut out).is_err() {
-        return false;
+        return Outcome::Failed;
     }
     let text = String::from_utf8_lossy(&out);
-    text.starts_with("HTTP/1.0 200") && text.contains(r#""exit":0"#)
+    if text.starts_with("HTTP/1.0 200") && text.contains(r#""exit":0"#) {
+        Outcome::Ok
+    } else if text.starts_with("HTTP/1.0 409") {
+        Outcome::Locked
+    } else {
+        Outcome::Failed
+    }
 }
 
 fn main() {
@@ -45,20 +60,22 @@ fn main() {
     let next = Arc::new(AtomicUsize::new(0));
     let lat = Arc::new(Mutex::new(Vec::<f64>::new()));
     let errors = Arc::new(AtomicUsize::new(0));
+    let locked = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let threads: Vec<_> = (0..clients)
-        .map(|_| {
-            let (stop, next, lat, errors, hosts) =
-                (stop.clone(), next.clone(), lat.clone(), errors.clone(), hosts.clone());
+        .map(|i| {
+            let (stop, next, lat, errors, locked, hosts) =
+                (stop.clone(), next.clone(), lat.clone(), errors.clone(), locked.clone(), hosts.clone());
             std::thread::spawn(move || {
                 let mut mine = Vec::new();
+                let script = format!("trivial-{i}");
                 while !stop.load(Ordering::Relaxed) {
                     let h = &hosts[next.fetch_add(1, Ordering::Relaxed) % hosts.len()];
                     let t = Instant::now();
-                    if one(port, h) {
-                        mine.push(t.elapsed().as_secs_f64() * 1000.0);
-                    } else {
-                        errors.fetch_add(1, Ordering::Relaxed);
+                    match one(port, h, &script) {
+                        Outcome::Ok => mine.push(t.elapsed().as_secs_f64() * 1000.0),
+                        Outcome::Locked => _ = locked.fetch_add(1, Ordering::Relaxed),
+                        Outcome::Failed => _ = errors.fetch_add(1, Ordering::Relaxed),
                     }
                 }
                 lat.lock().unwrap().extend(mine);
@@ -75,11 +92,12 @@ fn main() {
     l.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let pick =
         |q: f64| if l.is_empty() { 0.0 } else { l[((l.len() as f64 * q).ceil() as usize).clamp(1, l.len()) - 1] };
-    let errs = errors.load(Ordering::Relaxed);
+    let (errs, lk) = (errors.load(Ordering::Relaxed), locked.load(Ordering::Relaxed));
     println!(
-        "requests={} ok={} errors={} rps={:.0} median_ms={:.1} p95_ms={:.1}",
-        l.len() + errs,
+        "requests={} ok={} locked={} errors={} rps={:.0} median_ms={:.1} p95_ms={:.1}",
+        l.len() + errs + lk,
         l.len(),
+        lk,
         errs,
         l.len() as f64 / took,
         pick(0.5),

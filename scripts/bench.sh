@@ -75,6 +75,9 @@ chmod 755 "$WORK/scripts/trivial.sh"
 PORT=$(free_port)
 "$BIN" enroll b000 --ip 127.0.0.1 --agent-port "$PORT" --bind 127.0.0.1 --out "$WORK/a/b000" >/dev/null 2>&1
 echo "trivial = $WORK/scripts/trivial.sh" >> "$WORK/a/b000/scripts.conf"
+# One script name per API load client (see benches/api_load.rs): sync runs of
+# one script on one host are serialised by the dispatcher lock.
+for i in $(seq 0 31); do echo "trivial-$i = $WORK/scripts/trivial.sh"; done >> "$WORK/a/b000/scripts.conf"
 echo "log = syslog" >> "$WORK/a/b000/agent.conf"
 echo "syslog_socket = $WORK/no-syslog-here" >> "$WORK/a/b000/agent.conf"
 

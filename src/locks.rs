@@ -33,8 +33,26 @@ pub struct Held {
     pub names: Vec<String>,
 }
 
-fn sanitize(s: &str) -> String {
-    s.chars().map(|c| if c.is_ascii_alphanumeric() || "_.-".contains(c) { c } else { '_' }).collect()
+/// `<host>--<script>.lock` when that name cannot be read two ways (no `--`
+/// inside either name, no `-` at their edges, nothing to sanitise); otherwise
+/// a readable stem plus a hash of the exact pair, so `a` + `b--c` and
+/// `a--b` + `c` never share a lock.
+fn file_name(host: &str, script: &str) -> String {
+    let plain = |s: &str| {
+        !s.is_empty()
+            && !s.contains("--")
+            && !s.starts_with('-')
+            && !s.ends_with('-')
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+    };
+    if plain(host) && plain(script) {
+        return format!("{host}--{script}.lock");
+    }
+    let clean = |s: &str| -> String {
+        s.chars().map(|c| if c.is_ascii_alphanumeric() || "_.".contains(c) { c } else { '_' }).collect()
+    };
+    let digest = openssl::sha::sha256(format!("{host}\0{script}").as_bytes());
+    format!("{}--{}--{}.lock", clean(host), clean(script), crate::wire::hex(&digest[..8]))
 }
 
 fn try_flock(f: &File) -> std::io::Result<bool> {
@@ -52,31 +70,56 @@ impl Locks {
         Locks { dir: dir.to_path_buf() }
     }
 
-    fn open(&self, host: &str, script: &str) -> Result<File, FsError> {
-        let path = self.dir.join(format!("{}--{}.lock", sanitize(host), sanitize(script)));
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o660)
-            .open(&path)
-            .map_err(|e| FsError::new("open lock file", &path, e))
+    /// Open (creating if needed) the lock file of `host` and `script`. A new
+    /// file is 0660 and belongs to the directory's owner and group, so the
+    /// CLI run as root and the API server's user can both take it later.
+    /// Read access is enough for `flock`: a file we may not write is still
+    /// usable, it just does not get our names written into it.
+    fn open(&self, host: &str, script: &str) -> Result<(File, bool), FsError> {
+        use std::os::unix::fs::MetadataExt;
+        let path = self.dir.join(file_name(host, script));
+        let opened = OpenOptions::new().read(true).write(true).create_new(true).mode(0o660).open(&path);
+        match opened {
+            Ok(f) => {
+                let _ = f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o660));
+                if let Ok(m) = std::fs::metadata(&self.dir) {
+                    // Only root may give a file away; for anyone else this is a no-op or fails harmlessly.
+                    let _ = std::os::unix::fs::fchown(&f, Some(m.uid()), Some(m.gid()));
+                }
+                return Ok((f, true));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(FsError::new("create lock file", &path, e)),
+        }
+        match OpenOptions::new().read(true).write(true).open(&path) {
+            Ok(f) => Ok((f, true)),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                File::open(&path).map(|f| (f, false)).map_err(|e| FsError::new("open lock file", &path, e))
+            }
+            Err(e) => Err(FsError::new("open lock file", &path, e)),
+        }
     }
 
     /// Take the lock of `script` on every host, or none: `Err(conflicts)`
     /// lists `host:script` for each lock another run holds.
     pub fn acquire(&self, hosts: &[String], script: &str) -> Result<Result<Held, Vec<String>>, FsError> {
-        fsutil::ensure_dir(&self.dir, 0o770)?;
+        if !self.dir.is_dir() {
+            fsutil::ensure_dir(&self.dir, 0o770)?;
+            // 2770 whatever the umask: setgid, so lock files get the
+            // directory's group (behaviour.md §1.5); mkdir ignores both.
+            let _ = std::fs::set_permissions(&self.dir, std::os::unix::fs::PermissionsExt::from_mode(0o2770));
+        }
         let mut held = Held { files: Vec::new(), names: Vec::new() };
         let mut conflicts = Vec::new();
         for host in hosts {
-            let mut f = self.open(host, script)?;
+            let (mut f, writable) = self.open(host, script)?;
             match try_flock(&f) {
                 Ok(true) => {
                     // Say whose lock this is (for list-locks); it is ours now.
-                    let _ = f.set_len(0);
-                    let _ = f.write_all(format!("{host}\n{script}\n").as_bytes());
+                    if writable {
+                        let _ = f.set_len(0);
+                        let _ = f.write_all(format!("{host}\n{script}\n").as_bytes());
+                    }
                     held.files.push(f);
                     held.names.push(format!("{host}:{script}"));
                 }
@@ -87,7 +130,8 @@ impl Locks {
         Ok(if conflicts.is_empty() { Ok(held) } else { Err(conflicts) })
     }
 
-    /// Every lock currently held by some run: `(host, script)`, sorted.
+    /// Every lock currently held by some run: `(host, script)`, sorted. A
+    /// lock file this user cannot open or test is an error, never "free".
     pub fn held(&self) -> Result<Vec<(String, String)>, FsError> {
         let rd = match std::fs::read_dir(&self.dir) {
             Ok(rd) => rd,
@@ -100,10 +144,16 @@ impl Locks {
             if p.extension().is_none_or(|x| x != "lock") {
                 continue;
             }
-            let Ok(mut f) = File::open(&p) else { continue };
+            let mut f = match File::open(&p) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(FsError::new("open lock file", &p, e)),
+            };
             // A lock we can take is free: release it again at once.
-            if try_flock(&f).unwrap_or(true) {
-                continue;
+            match try_flock(&f) {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => return Err(FsError::new("test lock file", &p, e)),
             }
             let mut text = String::new();
             let _ = f.read_to_string(&mut text);
@@ -111,7 +161,7 @@ impl Locks {
             let name = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
             let (host, script) = match (lines.next(), lines.next()) {
                 (Some(h), Some(s)) => (h.to_string(), s.to_string()),
-                _ => match name.split_once("--") {
+                _ => match name.split_once("--").map(|(h, s)| (h, s.split("--").next().unwrap_or(s))) {
                     Some((h, s)) => (h.to_string(), s.to_string()),
                     None => (name.clone(), String::new()),
                 },
@@ -144,5 +194,31 @@ mod tests {
         drop(first);
         assert!(l.held().unwrap().is_empty());
         assert!(l.acquire(&hosts, "deploy").unwrap().is_ok());
+    }
+
+    #[test]
+    fn names_with_dashes_never_share_a_lock_file() {
+        assert_eq!(file_name("web1", "deploy"), "web1--deploy.lock");
+        for (a, b) in [(("a", "b--c"), ("a--b", "c")), (("a-", "b"), ("a", "-b")), (("x", "y-"), ("x-", "y"))] {
+            assert_ne!(file_name(a.0, a.1), file_name(b.0, b.1), "{a:?} vs {b:?}");
+        }
+        let d = tempfile::tempdir().unwrap();
+        let l = Locks::new(&d.path().join("locks"));
+        let _one = l.acquire(&["a".into()], "b--c").unwrap().unwrap();
+        assert!(l.acquire(&["a--b".into()], "c").unwrap().is_ok(), "a different pair is not a conflict");
+        assert_eq!(l.held().unwrap(), vec![("a".into(), "b--c".into())]);
+    }
+
+    #[test]
+    fn lock_files_are_group_shared() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("locks");
+        let l = Locks::new(&dir);
+        // (the usual umask 022 would otherwise leave 0640 and 0750)
+        drop(l.acquire(&["h1".into()], "s1").unwrap().unwrap());
+        let mode = std::fs::metadata(dir.join("h1--s1.lock")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o660);
+        assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o7777, 0o2770);
     }
 }

@@ -100,18 +100,19 @@ pub fn live(static_doc: &str, names: &[String], caps: &[Object], now: u64) -> Re
 }
 
 /// Groups one script's hosts by `schema_version`: hosts without a sidecar
-/// first, then each version in order. Each variant lists its hosts sorted.
+/// first, then each version in order. Hosts claiming the same version with
+/// different bodies get one variant per body (never one silently chosen).
+/// Each variant lists its hosts sorted.
 fn variants(seen: Vec<Seen>) -> Array {
-    let mut groups: BTreeMap<Option<String>, (Vec<String>, Option<Value>)> = BTreeMap::new();
+    type Key = (Option<String>, Option<String>);
+    let mut groups: BTreeMap<Key, (Vec<String>, Option<Value>)> = BTreeMap::new();
     for s in seen {
-        let g = groups.entry(s.version).or_insert_with(|| (Vec::new(), None));
+        let body = s.schema.as_ref().map(json::to_string);
+        let g = groups.entry((s.version, body)).or_insert_with(|| (Vec::new(), s.schema));
         g.0.push(s.host);
-        if g.1.is_none() {
-            g.1 = s.schema;
-        }
     }
     let mut out = Array::new();
-    for (version, (mut hosts, schema)) in groups {
+    for ((version, _), (mut hosts, schema)) in groups {
         hosts.sort();
         hosts.dedup();
         let mut v = Object::new();
@@ -216,6 +217,20 @@ mod tests {
         assert_eq!(version.as_deref(), Some(format!("{}+1764075000", crate::VERSION).as_str()));
         // The static document itself is untouched by the transformation.
         assert!(!parse_object(DOC).unwrap().contains_key("x-ctrl-exec-scripts"));
+    }
+
+    #[test]
+    fn one_version_with_two_bodies_gives_two_variants() {
+        let c = vec![
+            caps("h2", "ok", vec![script("x", Some(("1", r#"{"version":"1","b":2}"#)))]),
+            caps("h1", "ok", vec![script("x", Some(("1", r#"{"version":"1","a":1}"#)))]),
+            caps("h3", "ok", vec![script("x", Some(("1", r#"{"version":"1","a":1}"#)))]),
+        ];
+        let out = parse_object(&live(DOC, &[], &c, 1).unwrap()).unwrap();
+        assert_eq!(
+            json::to_string(at(&out, &["x-ctrl-exec-scripts", "x"])),
+            r#"[{"hosts":["h1","h3"],"schema":{"a":1,"version":"1"},"schema_version":"1"},{"hosts":["h2"],"schema":{"b":2,"version":"1"},"schema_version":"1"}]"#
+        );
     }
 
     #[test]
