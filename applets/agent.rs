@@ -33,6 +33,8 @@ use smol::{Async, LocalExecutor, Timer};
 
 use super::common::{self, Live, peer_ip};
 
+mod pairing;
+
 #[derive(FromArgs)]
 /// ctrl-exec agent: serves allowlisted scripts to trusted dispatchers over mutual TLS.
 #[argh(help_triggers("-h", "--help"))]
@@ -52,6 +54,7 @@ enum Verb {
     PromoteCert(PromoteCert),
     AsyncRun(AsyncRun),
     CertStaged(CertStaged),
+    RequestPairing(pairing::RequestPairing),
 }
 
 #[derive(FromArgs)]
@@ -167,6 +170,7 @@ pub fn main(invoked: &str, args: &[String]) -> AppResult {
         Some(Verb::InstallBundle(a)) => install_bundle(a),
         Some(Verb::PromoteCert(a)) => promote_cert(a),
         Some(Verb::AsyncRun(a)) => async_run(a),
+        Some(Verb::RequestPairing(a)) => pairing::request_pairing(a),
         Some(Verb::CertStaged(a)) => Ok(match load_config(&a.config) {
             Ok(cfg) if cfg.cert_staging_path.is_file() => EXIT_OK,
             _ => EXIT_FAIL,

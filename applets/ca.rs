@@ -22,8 +22,11 @@ use ctrl_exec::wire::valid_agent_name;
 
 use super::common;
 
+mod pairing;
+
 #[derive(FromArgs)]
-/// ctrl-exec private CA: create the CA and the dispatcher certificate, enrol agents.
+/// ctrl-exec private CA: create the CA and the dispatcher certificate, enrol
+/// agents, and pair them over the network.
 #[argh(help_triggers("-h", "--help"))]
 struct CaCli {
     #[argh(subcommand)]
@@ -36,6 +39,10 @@ enum Verb {
     SetupCa(SetupCa),
     SetupCtrlExec(SetupCtrlExec),
     Enroll(Enroll),
+    PairingMode(pairing::PairingMode),
+    ListRequests(pairing::ListRequests),
+    Approve(pairing::Approve),
+    Deny(pairing::Deny),
 }
 
 #[derive(FromArgs)]
@@ -101,6 +108,10 @@ pub fn main(invoked: &str, args: &[String]) -> AppResult {
         Verb::SetupCa(a) => setup_ca(a),
         Verb::SetupCtrlExec(a) => setup_ctrl_exec(a),
         Verb::Enroll(a) => enroll(a),
+        Verb::PairingMode(a) => pairing::pairing_mode(a),
+        Verb::ListRequests(a) => pairing::list_requests(a),
+        Verb::Approve(a) => pairing::approve(a),
+        Verb::Deny(a) => pairing::deny(a),
     }
 }
 

@@ -57,13 +57,14 @@ pub const ROLES: &[Role] = &[
         name: "ctrl-exec-ca",
         aliases: &[],
         sub: "ca",
-        summary: "the private CA: setup-ca, setup-ctrl-exec, enroll",
+        summary: "the private CA: setup-ca, setup-ctrl-exec, enroll, pairing-mode, approve",
         main: ca::main,
     },
 ];
 
 /// CLI verbs served by the CA role.
-const CA_VERBS: &[&str] = &["setup-ca", "setup-ctrl-exec", "enroll"];
+const CA_VERBS: &[&str] =
+    &["setup-ca", "setup-ctrl-exec", "enroll", "pairing-mode", "list-requests", "approve", "deny"];
 
 fn basename(p: &str) -> &str {
     p.rsplit('/').next().unwrap_or(p)
@@ -90,6 +91,8 @@ fn top_help() -> String {
          \x20 list-agents [--json] [--tags k=v,...]          show the registry\n\
          \x20 list-locks [--json]                            scripts held by running runs\n\
          \x20 setup-ca | setup-ctrl-exec | enroll <name> ...  CA verbs (see ctrl-exec ca --help)\n\
+         \x20 pairing-mode [start|stop] [--timeout <s>]      accept pairing requests from agents\n\
+         \x20 list-requests [--json] | approve <id> | deny <id>  answer them\n\
          \nOther:\n\
          \x20 --version                print the version\n\
          \x20 --install-links <dir>    create a symlink per role in <dir>\n\

@@ -179,7 +179,17 @@ impl Bundle {
     /// detached-run results). `None` keeps them in `dir`, which suits a
     /// self-contained directory; a read-only `/etc` needs a separate one.
     pub fn install(&self, dir: &Path, state: Option<&Path>, force: bool) -> Result<Vec<String>, BundleError> {
+        self.install_at(&dir.join("agent.conf"), state, force)
+    }
+
+    /// Write the identity for the agent configured by `conf`: where that
+    /// file exists, its `key`, `cert`, `ca`, `trusted_dispatchers_path` and
+    /// `allowlist` say where the files go; otherwise they go next to it
+    /// under their usual names and a fresh `agent.conf` is written.
+    pub fn install_at(&self, conf: &Path, state: Option<&Path>, force: bool) -> Result<Vec<String>, BundleError> {
         let fs_err = |e: fsutil::FsError| BundleError(e.to_string());
+        let paths = InstallPaths::for_conf(conf)?;
+        let dir = paths.dir.as_path();
         fsutil::ensure_dir(dir, 0o750).map_err(fs_err)?;
         if let Some(s) = state {
             if !s.is_absolute() {
@@ -187,7 +197,10 @@ impl Bundle {
             }
             fsutil::ensure_dir(s, 0o750).map_err(fs_err)?;
         }
-        let key_path = dir.join("agent.key");
+        for d in [&paths.key, &paths.cert, &paths.ca, &paths.trusted].iter().filter_map(|p| p.parent()) {
+            fsutil::ensure_dir(d, 0o750).map_err(fs_err)?;
+        }
+        let key_path = paths.key.clone();
         if let Ok(existing) = std::fs::read(&key_path)
             && existing != self.file("agent.key")
             && !force
@@ -211,16 +224,16 @@ impl Bundle {
         // mismatch the agent refuses to serve with, and re-running the
         // install finishes it.
         put(&key_path, self.file("agent.key"), 0o600)?;
-        put(&dir.join("ca.crt"), self.file("ca.crt"), 0o644)?;
+        put(&paths.ca, self.file("ca.crt"), 0o644)?;
         // The trusted map is merged, not replaced: entries for other
         // dispatchers sharing this agent survive.
-        let map_path = dir.join("ctrl-exec-dispatchers");
+        let map_path = paths.trusted.clone();
         let mut map = TrustedMap::load(&map_path).map(|l| l.value).unwrap_or_default();
         let incoming = TrustedMap::parse(&String::from_utf8_lossy(self.file("ctrl-exec-dispatchers")));
         map.0.extend(incoming.0);
         put(&map_path, map.render().as_bytes(), 0o644)?;
-        put(&dir.join("agent.crt"), self.file("agent.crt"), 0o644)?;
-        let conf = dir.join("agent.conf");
+        put(&paths.cert, self.file("agent.crt"), 0o644)?;
+        let conf = conf.to_path_buf();
         match std::fs::read_to_string(&conf) {
             Ok(text) => {
                 let (updated, changes) = set_listen(&text, self.port, &self.bind);
@@ -237,7 +250,7 @@ impl Bundle {
                 report.push(format!("wrote     {}", conf.display()));
             }
         }
-        let scripts = dir.join("scripts.conf");
+        let scripts = paths.allowlist;
         if scripts.exists() {
             report.push(format!("kept      {} (already present)", scripts.display()));
         } else {
@@ -245,6 +258,56 @@ impl Bundle {
             report.push(format!("wrote     {}", scripts.display()));
         }
         Ok(report)
+    }
+}
+
+/// Where an installed identity's files go.
+#[derive(Debug, Clone)]
+pub struct InstallPaths {
+    /// The configuration's directory.
+    pub dir: std::path::PathBuf,
+    /// Private key.
+    pub key: std::path::PathBuf,
+    /// Certificate.
+    pub cert: std::path::PathBuf,
+    /// CA certificate.
+    pub ca: std::path::PathBuf,
+    /// Trusted-dispatcher map.
+    pub trusted: std::path::PathBuf,
+    /// Allowlist.
+    pub allowlist: std::path::PathBuf,
+    /// The configuration file exists (its paths were used).
+    pub configured: bool,
+}
+
+impl InstallPaths {
+    /// Paths for the agent configured by `conf` (see [`Bundle::install_at`]).
+    pub fn for_conf(conf: &Path) -> Result<InstallPaths, BundleError> {
+        let dir = match conf.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => std::path::PathBuf::from("."),
+        };
+        if conf.exists() {
+            let c = crate::config::AgentConfig::load(conf).map_err(|e| BundleError(e.to_string()))?;
+            return Ok(InstallPaths {
+                dir,
+                key: c.key,
+                cert: c.cert,
+                ca: c.ca,
+                trusted: c.trusted_dispatchers_path,
+                allowlist: c.allowlist,
+                configured: true,
+            });
+        }
+        Ok(InstallPaths {
+            key: dir.join("agent.key"),
+            cert: dir.join("agent.crt"),
+            ca: dir.join("ca.crt"),
+            trusted: dir.join("ctrl-exec-dispatchers"),
+            allowlist: dir.join("scripts.conf"),
+            configured: false,
+            dir,
+        })
     }
 }
 

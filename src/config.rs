@@ -210,6 +210,19 @@ impl RawConfig {
         Ok(Duration::from_secs(self.num(keys, default, min, max)?))
     }
 
+    /// A rate limit `count/window/block` (e.g. `10/60/300`: more than 10
+    /// connections in 60 s blocks the source for 300 s).
+    pub fn volume(&self, key: &str, default: (u32, u64, u64)) -> Result<(u32, u64, u64), ConfigError> {
+        let Some(e) = self.get(&[key]) else {
+            return Ok(default);
+        };
+        let parts: Vec<Option<u64>> = e.value.split('/').map(|p| p.trim().parse::<u64>().ok()).collect();
+        match parts.as_slice() {
+            [Some(n), Some(w), Some(b)] if (1..=1_000_000).contains(n) && *w >= 1 && *b >= 1 => Ok((*n as u32, *w, *b)),
+            _ => Err(self.bad_value(e, "count/window/block, e.g. 10/60/300")),
+        }
+    }
+
     /// A boolean: 1/y/yes/true/on or 0/n/no/false/off.
     pub fn flag(&self, key: &str, default: bool) -> Result<bool, ConfigError> {
         let Some(e) = self.get(&[key]) else {
@@ -449,6 +462,28 @@ pub struct DispatcherConfig {
     pub auth_deny_generic: bool,
     /// Audit sink.
     pub log: LogTarget,
+    /// Pairing settings.
+    pub pairing: PairingConfig,
+}
+
+/// The pairing listener's settings (`pairing_*` keys of ctrl-exec.conf).
+#[derive(Debug, Clone)]
+pub struct PairingConfig {
+    /// Queue directory (`pairing_dir`, default `<state>/pairing`).
+    pub dir: PathBuf,
+    /// Listen address (`pairing_bind`, default 0.0.0.0).
+    pub bind: String,
+    /// Listen port (`pairing_port`, default 7444).
+    pub port: u16,
+    /// Most pending requests (`pairing_max_queue`, default 10).
+    pub max_queue: usize,
+    /// Session length in seconds (`pairing_timeout`, 1-600, default 600).
+    pub timeout: u64,
+    /// Connections per source address: `(count, window s, block s)`, or
+    /// `None` when `pairing_rate_limit_disable` is set.
+    pub rate_limit: Option<(u32, u64, u64)>,
+    /// Pid file of a background session.
+    pub pidfile: PathBuf,
 }
 
 impl DispatcherConfig {
@@ -469,7 +504,31 @@ impl DispatcherConfig {
             None => crate::wire::sanitize_dispatcher_id(&host_name()),
         };
         let registry_dir = raw.path_or("registry_dir", "/var/lib/ctrl-exec/agents");
+        let state_dir = registry_dir.parent().unwrap_or(Path::new("/var/lib/ctrl-exec")).to_path_buf();
+        let pairing = PairingConfig {
+            dir: raw.opt_path("pairing_dir").unwrap_or_else(|| state_dir.join("pairing")),
+            bind: {
+                let bind = raw.opt_str(&["pairing_bind"]).unwrap_or_else(|| "0.0.0.0".into());
+                if bind.parse::<std::net::IpAddr>().is_err() {
+                    let e = raw.get(&["pairing_bind"]);
+                    return Err(
+                        raw.err(e, format!("invalid value '{bind}' for 'pairing_bind': expected an IP address"))
+                    );
+                }
+                bind
+            },
+            port: raw.num(&["pairing_port"], 7444, 1, 65_535)? as u16,
+            max_queue: raw.num(&["pairing_max_queue"], 10, 1, 10_000)? as usize,
+            timeout: raw.num(&["pairing_timeout"], 600, 1, 600)?,
+            rate_limit: if raw.flag("pairing_rate_limit_disable", false)? {
+                None
+            } else {
+                Some(raw.volume("pairing_rate_limit_volume", (10, 60, 300))?)
+            },
+            pidfile: state_dir.join("pairing-mode.pid"),
+        };
         Ok(DispatcherConfig {
+            pairing,
             cert: raw.req_path("cert")?,
             key: raw.req_path("key")?,
             ca: raw.req_path("ca")?,

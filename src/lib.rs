@@ -24,6 +24,9 @@
 //! | [`dispatch`] | operations on many agents, shared by the CLI and the API server |
 //! | [`server`] | the agent's handling of one authenticated connection |
 //! | [`bundle`] | the text-safe enrolment bundle |
+//! | [`pairing`] | pairing requests, the approval queue, signing, the listener's side |
+//! | [`pairagent`] | pairing from the agent's side: request, wait, install |
+//! | [`ratelimit`] | per-address connection volume limits |
 
 pub mod allowlist;
 pub mod asyncrun;
@@ -41,6 +44,9 @@ pub mod hook;
 pub mod http;
 pub mod locks;
 pub mod openapi;
+pub mod pairagent;
+pub mod pairing;
+pub mod ratelimit;
 pub mod registry;
 pub mod runstore;
 pub mod server;

@@ -151,6 +151,15 @@ pub fn client_context(cert: &Path, key: &Path, ca: &Path) -> Result<SslContext, 
     Ok(b.build())
 }
 
+/// Context for an agent asking to be paired: no certificate of its own
+/// yet, and nothing to verify the dispatcher with (the 6-digit pairing code
+/// compared by two people is the check, wire.md §3.5).
+pub fn pairing_client_context() -> Result<SslContext, TlsError> {
+    let mut b = policy(SslMethod::tls_client())?;
+    b.set_verify(SslVerifyMode::NONE);
+    Ok(b.build())
+}
+
 /// The non-blocking socket under an `SslStream`.
 #[derive(Debug)]
 pub struct Io(pub Async<TcpStream>);
