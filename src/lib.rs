@@ -24,6 +24,7 @@
 //! | [`dispatch`] | operations on many agents, shared by the CLI and the API server |
 //! | [`server`] | the agent's handling of one authenticated connection |
 //! | [`bundle`] | the text-safe enrolment bundle |
+//! | [`renew`] | agent certificate renewal: the agent's endpoints and the dispatcher's exchange |
 
 pub mod allowlist;
 pub mod asyncrun;
@@ -42,6 +43,7 @@ pub mod http;
 pub mod locks;
 pub mod openapi;
 pub mod registry;
+pub mod renew;
 pub mod runstore;
 pub mod server;
 pub mod time;
