@@ -25,6 +25,7 @@
 //! | [`server`] | the agent's handling of one authenticated connection |
 //! | [`bundle`] | the text-safe enrolment bundle |
 //! | [`renew`] | agent certificate renewal: the agent's endpoints and the dispatcher's exchange |
+//! | [`maintain`] | the maintenance pass (`ctrl-exec maintain`): isolated phases |
 
 pub mod allowlist;
 pub mod asyncrun;
@@ -41,6 +42,7 @@ pub mod fsutil;
 pub mod hook;
 pub mod http;
 pub mod locks;
+pub mod maintain;
 pub mod openapi;
 pub mod registry;
 pub mod renew;
