@@ -658,26 +658,6 @@ fn pairing_status(a: PairingStatus) -> AppResult {
     }
 }
 
-/// Why a staged certificate may not replace the live one.
-fn check_staged(cfg: &AgentConfig, pem: &[u8]) -> Result<(), String> {
-    let cert =
-        openssl::x509::X509::from_pem(pem).map_err(|_| "the staged file is not a PEM certificate".to_string())?;
-    let ca = ctrl_exec::ca::load_cert(&cfg.ca).map_err(|e| e.to_string())?;
-    if !ctrl_exec::ca::verifies_against(&cert, &ca) {
-        return Err("renewed cert does not verify against the agent CA".into());
-    }
-    let key = ctrl_exec::ca::load_key(&cfg.key).map_err(|e| e.to_string())?;
-    let same = cert.public_key().map(|p| p.public_eq(&key)).unwrap_or(false);
-    if !same {
-        return Err("renewed cert public key does not match the agent key".into());
-    }
-    let left = ctrl_exec::time::parse_openssl_date(&ctrl_exec::ca::not_after(&cert));
-    if left.is_none_or(|t| t <= ctrl_exec::time::unix_now()) {
-        return Err("renewed cert has already expired".into());
-    }
-    Ok(())
-}
-
 fn promote_cert(a: PromoteCert) -> AppResult {
     let cfg = match load_config(&a.config) {
         Ok(c) => c,
@@ -691,7 +671,7 @@ fn promote_cert(a: PromoteCert) -> AppResult {
     let Ok(pem) = std::fs::read(staged) else {
         return Ok(EXIT_OK); // the common case: nothing to do, nothing to say
     };
-    let result = check_staged(&cfg, &pem).and_then(|()| {
+    let result = ctrl_exec::renew::check_renewed_cert(&cfg, &pem).and_then(|_| {
         // Keep the live certificate's owner and mode (group-readable for the agent user).
         ctrl_exec::fsutil::atomic_replace(&cfg.cert, &pem, 0o644).map_err(|e| e.to_string())
     });

@@ -1,5 +1,5 @@
 //! The operator CLI (`ctrl-exec`, `ced`, `ctrl-exec-dispatcher`):
-//! `run`, `ping`, `list-agents`.
+//! `run`, `ping`, `status`, `wait`, `list-agents`, `list-locks`, `maintain`.
 //!
 //! One process, one thread: every host is a future on the same executor,
 //! at most `max_parallel` at once; results print as they complete. The exit
@@ -35,6 +35,7 @@ enum Verb {
     Wait(WaitArgs),
     ListAgents(ListArgs),
     ListLocks(ListLocksArgs),
+    Maintain(super::maintain::MaintainArgs),
 }
 
 #[derive(FromArgs)]
@@ -144,6 +145,9 @@ struct PingArgs {
     /// write audit lines to stderr instead of syslog
     #[argh(switch)]
     log_stderr: bool,
+    /// do not renew agent certificates that are due (see docs/cli.md)
+    #[argh(switch)]
+    no_renew: bool,
     /// registered hosts
     #[argh(positional)]
     hosts: Vec<String>,
@@ -175,6 +179,7 @@ pub fn main(invoked: &str, args: &[String]) -> AppResult {
         Verb::Wait(a) if after.is_empty() => wait(a),
         Verb::ListAgents(a) if after.is_empty() => list_agents(a),
         Verb::ListLocks(a) if after.is_empty() => list_locks(a),
+        Verb::Maintain(a) if after.is_empty() => super::maintain::maintain(a),
         _ => Err(Fail::usage("only 'run' takes arguments after '--'")),
     }
 }
@@ -503,23 +508,34 @@ fn ping(a: PingArgs) -> AppResult {
         Ok(p) => p,
         Err(code) => return Ok(code),
     };
-    let mut results = Array::new();
+    let mut results: Vec<Object> = Vec::new();
     let mut failed = 0usize;
     if !a.json {
         println!("{:<30}  {:<8}  {:<8}  {:<28}  VERSION", "HOST", "STATUS", "RTT", "CERT EXPIRY");
         println!("{}", "-".repeat(85));
     }
-    smol::block_on(p.engine.ping(&p.targets, &p.reqid, |res| {
-        if get_str(&res, "status").as_deref() != Some("ok") {
-            failed += 1;
+    smol::block_on(async {
+        p.engine
+            .ping(&p.targets, &p.reqid, |res| {
+                if get_str(&res, "status").as_deref() != Some("ok") {
+                    failed += 1;
+                }
+                if !a.json {
+                    print_ping(&res);
+                }
+                results.push(res);
+            })
+            .await;
+        // Renewal never changes a ping's result or the exit status.
+        if !a.no_renew {
+            ctrl_exec::renew::renew_due(&p.engine, &p.targets, &mut results).await;
         }
-        if !a.json {
-            print_ping(&res);
-        }
-        results.push(Value::Object(res));
-    }));
+    });
     if a.json {
-        println!("{}", Obj::new().b("ok", true).v("results", Value::Array(results)).to_json());
+        let arr: Array = results.into_iter().map(Value::Object).collect();
+        println!("{}", Obj::new().b("ok", true).v("results", Value::Array(arr)).to_json());
+    } else {
+        print_renewals(&results);
     }
     Ok(if failed == 0 { EXIT_OK } else { EXIT_FAIL })
 }
@@ -544,6 +560,24 @@ fn print_ping(res: &Object) {
     );
     if !ok {
         println!("    ERROR: {}", get_str(res, "error").unwrap_or_default());
+    }
+}
+
+/// One line per host whose certificate renewal was attempted or skipped.
+pub(crate) fn print_renewals(results: &[Object]) {
+    for r in results {
+        let host = get_str(r, "host").unwrap_or_default();
+        if ctrl_exec::wire::get_bool(r, "renewed") == Some(true) {
+            println!(
+                "{host}: certificate renewed (serial {}, expires {}); staged on the agent until its next restart",
+                get_str(r, "renewed_serial").unwrap_or_default(),
+                get_str(r, "renewed_expiry").unwrap_or_default()
+            );
+        } else if let Some(e) = get_str(r, "renew_error") {
+            println!("{host}: certificate renewal failed: {e}");
+        } else if let Some(why) = get_str(r, "renew_skipped") {
+            println!("{host}: certificate renewal due but skipped: {why}");
+        }
     }
 }
 

@@ -12,6 +12,7 @@ pub mod agent;
 pub mod ca;
 pub mod cli;
 pub mod common;
+pub mod maintain;
 pub mod server;
 
 use ctrl_exec::error::{AppResult, EXIT_FAIL, EXIT_OK, EXIT_USAGE};
@@ -36,7 +37,7 @@ pub const ROLES: &[Role] = &[
         name: "ctrl-exec",
         aliases: &["ctrl-exec-dispatcher", "ced"],
         sub: "",
-        summary: "operator CLI: run, status, wait, ping, list-agents, list-locks",
+        summary: "operator CLI: run, status, wait, ping, maintain, list-agents, list-locks",
         main: cli::main,
     },
     Role {
@@ -87,7 +88,8 @@ fn top_help() -> String {
         "\nOperator verbs:\n\
          \x20 run <host>[:<port>]... <script> [-- <arg>...]   run a script on agents (--async: detached)\n\
          \x20 status <reqid> | wait <reqid> [--timeout <s>]  follow a detached run\n\
-         \x20 ping <host>[:<port>]...                        check agents answer\n\
+         \x20 ping <host>[:<port>]...                        check agents answer (and renew due certificates)\n\
+         \x20 maintain [--json]                              ping every agent with renewal, purge old run records\n\
          \x20 list-agents [--json] [--tags k=v,...]          show the registry\n\
          \x20 list-locks [--json]                            scripts held by running runs\n\
          \x20 setup-ca | setup-ctrl-exec | enroll <name> ...  CA verbs (see ctrl-exec ca --help)\n\

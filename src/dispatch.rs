@@ -203,6 +203,12 @@ impl Engine {
         Timeouts { connect: self.cfg.connect_timeout, read: self.cfg.read_timeout }
     }
 
+    /// One exchange with one target outside a fan-out (e.g. the renewal
+    /// exchange that follows a ping), with the usual timeouts and session cache.
+    pub async fn call(&self, t: &Target, method: &str, path: &str, body: Option<&str>) -> Result<Response, CallError> {
+        client::call(&self.ctx, t, method, path, body, self.timeouts(), self.cache.as_ref()).await
+    }
+
     async fn fan<R>(
         &self,
         targets: &[Target],

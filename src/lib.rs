@@ -27,6 +27,8 @@
 //! | [`pairing`] | pairing requests, the approval queue, signing, the listener's side |
 //! | [`pairagent`] | pairing from the agent's side: request, wait, install |
 //! | [`ratelimit`] | per-address connection volume limits |
+//! | [`renew`] | agent certificate renewal: the agent's endpoints and the dispatcher's exchange |
+//! | [`maintain`] | the maintenance pass (`ctrl-exec maintain`): isolated phases |
 
 pub mod allowlist;
 pub mod asyncrun;
@@ -43,11 +45,13 @@ pub mod fsutil;
 pub mod hook;
 pub mod http;
 pub mod locks;
+pub mod maintain;
 pub mod openapi;
 pub mod pairagent;
 pub mod pairing;
 pub mod ratelimit;
 pub mod registry;
+pub mod renew;
 pub mod runstore;
 pub mod server;
 pub mod time;

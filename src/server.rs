@@ -126,6 +126,15 @@ async fn route(req: &http::Request, peer: &Peer, state: &AgentState) -> Reply {
         ("POST", "/ping") => ping(req, peer, state),
         ("GET", "/capabilities") => capabilities(peer, state).await,
         ("GET", p) if p.strip_prefix("/result/").is_some_and(crate::wire::valid_reqid) => result(&p[8..], peer, state),
+        // Renewal (src/renew.rs): behind the trusted-dispatcher gate, unlike upstream.
+        ("POST", "/renew") => match gate(peer, state, &crate::renew::reqid_of(req)) {
+            Ok(d) => crate::renew::serve_renew(req, peer, d, state).await,
+            Err(r) => r,
+        },
+        ("POST", "/renew-complete") => match gate(peer, state, &crate::renew::reqid_of(req)) {
+            Ok(d) => crate::renew::serve_renew_complete(req, peer, d, state).await,
+            Err(r) => r,
+        },
         _ => error_reply(404, "not found"),
     }
 }
