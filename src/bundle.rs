@@ -31,8 +31,7 @@ use std::path::Path;
 use crate::fsutil;
 use crate::trust::TrustedMap;
 
-const BEGIN: &str = "-----BEGIN CTRL-EXEC AGENT BUNDLE-----";
-const END: &str = "-----END CTRL-EXEC AGENT BUNDLE-----";
+const KIND: &str = "AGENT BUNDLE";
 
 /// Files a bundle may carry, with their modes.
 pub const FILES: [(&str, u32); 4] =
@@ -84,40 +83,15 @@ impl Bundle {
         ];
         for (name, data) in &self.files {
             lines.push(format!("File: {name} {:o} {}", mode_of(name).unwrap_or(0o600), data.len()));
-            let b64 = openssl::base64::encode_block(data);
-            for chunk in b64.as_bytes().chunks(76) {
-                lines.push(String::from_utf8_lossy(chunk).into_owned());
-            }
+            lines.extend(crate::armor::base64_lines(data));
         }
-        let sum = crate::wire::hex(&openssl::sha::sha256(lines.join("\n").as_bytes()));
-        format!("{BEGIN}\n{}\nSha256: {sum}\n{END}\n", lines.join("\n"))
+        crate::armor::wrap(KIND, &lines)
     }
 
     /// Parse the text form (surrounding noise allowed).
     pub fn parse(text: &str) -> Result<Bundle, BundleError> {
         let e = |m: &str| BundleError(m.to_string());
-        let mut lines = text.lines().map(|l| l.trim());
-        if !lines.by_ref().any(|l| l.ends_with(BEGIN)) {
-            return Err(e("no bundle found: expected a line '-----BEGIN CTRL-EXEC AGENT BUNDLE-----'"));
-        }
-        let mut body = Vec::new();
-        let mut sum = None;
-        for l in lines.by_ref() {
-            if l.starts_with(END) {
-                break;
-            }
-            if let Some(s) = l.strip_prefix("Sha256:") {
-                sum = Some(s.trim().to_ascii_lowercase());
-            } else if !l.is_empty() {
-                body.push(l);
-            }
-        }
-        let Some(sum) = sum else {
-            return Err(e("bundle is incomplete (no Sha256 line): it was cut off in transit; send it again"));
-        };
-        if crate::wire::hex(&openssl::sha::sha256(body.join("\n").as_bytes())) != sum {
-            return Err(e("bundle is damaged (checksum mismatch): send it again; nothing was installed"));
-        }
+        let body = crate::armor::unwrap(KIND, "bundle", text).map_err(|x| BundleError(x.0))?;
         let mut name = None;
         let mut port = None;
         let mut bind = "0.0.0.0".to_string();

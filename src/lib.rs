@@ -23,6 +23,7 @@
 //! | [`client`], [`fanout`] | the dispatcher's per-host call and its bounded fan-out |
 //! | [`dispatch`] | operations on many agents, shared by the CLI and the API server |
 //! | [`server`] | the agent's handling of one authenticated connection |
+//! | [`armor`] | checksummed text blocks that survive a serial console |
 //! | [`bundle`] | the text-safe enrolment bundle |
 //! | [`pairing`] | pairing requests, the approval queue, signing, the listener's side |
 //! | [`pairagent`] | pairing from the agent's side: request, wait, install |
@@ -31,6 +32,7 @@
 //! | [`maintain`] | the maintenance pass (`ctrl-exec maintain`): isolated phases |
 
 pub mod allowlist;
+pub mod armor;
 pub mod asyncrun;
 pub mod audit;
 pub mod bundle;
