@@ -23,6 +23,7 @@
 //! | [`client`], [`fanout`] | the dispatcher's per-host call and its bounded fan-out |
 //! | [`dispatch`] | operations on many agents, shared by the CLI and the API server |
 //! | [`server`] | the agent's handling of one authenticated connection |
+//! | [`rotate`] | the agent's `/rotate-serial` (trusted map changes by a dispatcher) |
 //! | [`bundle`] | the text-safe enrolment bundle |
 
 pub mod allowlist;
@@ -42,6 +43,7 @@ pub mod http;
 pub mod locks;
 pub mod openapi;
 pub mod registry;
+pub mod rotate;
 pub mod runstore;
 pub mod server;
 pub mod time;

@@ -125,13 +125,14 @@ async fn route(req: &http::Request, peer: &Peer, state: &AgentState) -> Reply {
         ("POST", "/run") => run(req, peer, state).await,
         ("POST", "/ping") => ping(req, peer, state),
         ("GET", "/capabilities") => capabilities(peer, state).await,
+        ("POST", "/rotate-serial") => crate::rotate::rotate_serial(req, peer, state).await,
         ("GET", p) if p.strip_prefix("/result/").is_some_and(crate::wire::valid_reqid) => result(&p[8..], peer, state),
         _ => error_reply(404, "not found"),
     }
 }
 
 /// The trusted-dispatcher gate: the caller's dispatcher id, or a 403.
-fn gate<'a>(peer: &Peer, state: &'a AgentState, reqid: &str) -> Result<&'a str, Reply> {
+pub(crate) fn gate<'a>(peer: &Peer, state: &'a AgentState, reqid: &str) -> Result<&'a str, Reply> {
     match state.trusted.lookup(&peer.serial) {
         Some(id) => Ok(id),
         None => {
