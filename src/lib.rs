@@ -24,6 +24,8 @@
 //! | [`dispatch`] | operations on many agents, shared by the CLI and the API server |
 //! | [`server`] | the agent's handling of one authenticated connection |
 //! | [`rotate`] | the agent's `/rotate-serial` (trusted map changes by a dispatcher) |
+//! | [`identity`] | the dispatcher's current and previous certificate, chosen per agent |
+//! | [`rotation`] | dispatcher certificate rotation: state, broadcast, expiry, retirement |
 //! | [`bundle`] | the text-safe enrolment bundle |
 
 pub mod allowlist;
@@ -40,10 +42,12 @@ pub mod fanout;
 pub mod fsutil;
 pub mod hook;
 pub mod http;
+pub mod identity;
 pub mod locks;
 pub mod openapi;
 pub mod registry;
 pub mod rotate;
+pub mod rotation;
 pub mod runstore;
 pub mod server;
 pub mod time;
