@@ -1,5 +1,6 @@
 //! The operator CLI (`ctrl-exec`, `ced`, `ctrl-exec-dispatcher`):
-//! `run`, `ping`, `list-agents`.
+//! `run`, `ping`, `list-agents` (and, in `fleet.rs`, `rotate-cert`,
+//! `serial-status`, `unpair`, `edit-agent`).
 //!
 //! One process, one thread: every host is a future on the same executor,
 //! at most `max_parallel` at once; results print as they complete. The exit
@@ -35,6 +36,10 @@ enum Verb {
     Wait(WaitArgs),
     ListAgents(ListArgs),
     ListLocks(ListLocksArgs),
+    RotateCert(super::fleet::RotateCertArgs),
+    SerialStatus(super::fleet::SerialStatusArgs),
+    Unpair(super::fleet::UnpairArgs),
+    EditAgent(super::fleet::EditAgentArgs),
 }
 
 #[derive(FromArgs)]
@@ -175,6 +180,10 @@ pub fn main(invoked: &str, args: &[String]) -> AppResult {
         Verb::Wait(a) if after.is_empty() => wait(a),
         Verb::ListAgents(a) if after.is_empty() => list_agents(a),
         Verb::ListLocks(a) if after.is_empty() => list_locks(a),
+        Verb::RotateCert(a) if after.is_empty() => super::fleet::rotate_cert(a),
+        Verb::SerialStatus(a) if after.is_empty() => super::fleet::serial_status(a),
+        Verb::Unpair(a) if after.is_empty() => super::fleet::unpair(a),
+        Verb::EditAgent(a) if after.is_empty() => super::fleet::edit_agent(a),
         _ => Err(Fail::usage("only 'run' takes arguments after '--'")),
     }
 }

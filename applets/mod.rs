@@ -12,6 +12,7 @@ pub mod agent;
 pub mod ca;
 pub mod cli;
 pub mod common;
+pub mod fleet;
 pub mod server;
 
 use ctrl_exec::error::{AppResult, EXIT_FAIL, EXIT_OK, EXIT_USAGE};
@@ -36,7 +37,7 @@ pub const ROLES: &[Role] = &[
         name: "ctrl-exec",
         aliases: &["ctrl-exec-dispatcher", "ced"],
         sub: "",
-        summary: "operator CLI: run, status, wait, ping, list-agents, list-locks",
+        summary: "operator CLI: run, status, wait, ping, list-agents, edit-agent, rotate-cert, ...",
         main: cli::main,
     },
     Role {
@@ -89,6 +90,10 @@ fn top_help() -> String {
          \x20 ping <host>[:<port>]...                        check agents answer\n\
          \x20 list-agents [--json] [--tags k=v,...]          show the registry\n\
          \x20 list-locks [--json]                            scripts held by running runs\n\
+         \x20 edit-agent <name> [--rename|--ip|--agent-port|--lookup-by]  change a registry entry\n\
+         \x20 unpair <name>                                  forget a registered agent\n\
+         \x20 rotate-cert [--check] [--json]                 rotate the dispatcher certificate\n\
+         \x20 serial-status [--json]                         rotation state, serial per agent\n\
          \x20 setup-ca | setup-ctrl-exec | enroll <name> ...  CA verbs (see ctrl-exec ca --help)\n\
          \nOther:\n\
          \x20 --version                print the version\n\
