@@ -377,6 +377,8 @@ async fn accept_loop(
     let current = RefCell::new(snap);
     let live = Rc::new(Cell::new(0usize));
     let rejecting = Rc::new(Cell::new(0usize));
+    let mut seen_generation = ctrl_exec::rotate::reload_generation();
+    ctrl_exec::rotate::reload_by_signal();
     loop {
         let ev = smol::future::or(async { Event::Conn(listener.accept().await) }, async {
             Event::Signal(signals.next().await)
@@ -384,6 +386,13 @@ async fn accept_loop(
         .await;
         match ev {
             Event::Conn(Ok((tcp, addr))) => {
+                // A /rotate-serial changed the trusted map: this connection
+                // (likely the same dispatcher's next one) must see it.
+                let generation = ctrl_exec::rotate::reload_generation();
+                if generation != seen_generation {
+                    seen_generation = generation;
+                    reload(&current, &a, &started, live.get());
+                }
                 let renew = {
                     let c = current.borrow();
                     c.tls_since.elapsed() >= c.state.config.tls_ticket_lifetime
@@ -419,42 +428,8 @@ async fn accept_loop(
                 Timer::after(Duration::from_millis(100)).await;
             }
             Event::Signal(Some(Ok(Signal::Hup))) => {
-                let running = current.borrow().state.config.clone();
-                match AgentConfig::load(&running.path)
-                    .map_err(|e| Fail::config(e.to_string()))
-                    .and_then(|cfg| load_snapshot(cfg, &a.allowlist, a.log_stderr))
-                {
-                    Ok(next) => {
-                        let c = &next.state.config;
-                        if c.port != started.0 || c.bind != started.1 {
-                            audit::warn(
-                                "reload-warn",
-                                &[("MSG", "port and bind changes take effect at the next restart")],
-                            );
-                        }
-                        if c.log != started.2 && !a.log_stderr {
-                            audit::warn(
-                                "reload-warn",
-                                &[("MSG", "log and syslog_socket changes take effect at the next restart")],
-                            );
-                        }
-                        let s = &next.state;
-                        audit::info(
-                            "reload",
-                            &[
-                                ("SCRIPTS", &s.allowlist.scripts.len().to_string()),
-                                ("TRUSTED", &s.trusted.0.len().to_string()),
-                                ("REVOKED", &s.revoked.len().to_string()),
-                                ("LIVE", &live.get().to_string()),
-                            ],
-                        );
-                        next.announce();
-                        *current.borrow_mut() = next;
-                    }
-                    Err(f) => {
-                        audit::err("reload-fail", &[("ERROR", &f.msg), ("RESULT", "kept the running configuration")])
-                    }
-                }
+                seen_generation = ctrl_exec::rotate::reload_generation();
+                reload(&current, &a, &started, live.get());
             }
             Event::Signal(_) => break,
         }
@@ -468,6 +443,39 @@ async fn accept_loop(
     }
     if live.get() > 0 {
         audit::warn("stop-forced", &[("LIVE", &live.get().to_string())]);
+    }
+}
+
+/// Build a new snapshot from the files on disk and swap it in (SIGHUP, or a
+/// trusted-map change made by `/rotate-serial`); on failure keep the old one.
+fn reload(current: &RefCell<Snapshot>, a: &Serve, started: &(u16, String, ctrl_exec::config::LogTarget), live: usize) {
+    let running = current.borrow().state.config.clone();
+    match AgentConfig::load(&running.path)
+        .map_err(|e| Fail::config(e.to_string()))
+        .and_then(|cfg| load_snapshot(cfg, &a.allowlist, a.log_stderr))
+    {
+        Ok(next) => {
+            let c = &next.state.config;
+            if c.port != started.0 || c.bind != started.1 {
+                audit::warn("reload-warn", &[("MSG", "port and bind changes take effect at the next restart")]);
+            }
+            if c.log != started.2 && !a.log_stderr {
+                audit::warn("reload-warn", &[("MSG", "log and syslog_socket changes take effect at the next restart")]);
+            }
+            let s = &next.state;
+            audit::info(
+                "reload",
+                &[
+                    ("SCRIPTS", &s.allowlist.scripts.len().to_string()),
+                    ("TRUSTED", &s.trusted.0.len().to_string()),
+                    ("REVOKED", &s.revoked.len().to_string()),
+                    ("LIVE", &live.to_string()),
+                ],
+            );
+            next.announce();
+            *current.borrow_mut() = next;
+        }
+        Err(f) => audit::err("reload-fail", &[("ERROR", &f.msg), ("RESULT", "kept the running configuration")]),
     }
 }
 

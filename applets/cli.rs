@@ -1,5 +1,6 @@
 //! The operator CLI (`ctrl-exec`, `ced`, `ctrl-exec-dispatcher`):
-//! `run`, `ping`, `status`, `wait`, `list-agents`, `list-locks`, `maintain`.
+//! `run`, `ping`, `status`, `wait`, `list-agents`, `list-locks`, `maintain` (and,
+//! in `fleet.rs`, `rotate-cert`, `serial-status`, `unpair`, `edit-agent`).
 //!
 //! One process, one thread: every host is a future on the same executor,
 //! at most `max_parallel` at once; results print as they complete. The exit
@@ -36,6 +37,10 @@ enum Verb {
     ListAgents(ListArgs),
     ListLocks(ListLocksArgs),
     Maintain(super::maintain::MaintainArgs),
+    RotateCert(super::fleet::RotateCertArgs),
+    SerialStatus(super::fleet::SerialStatusArgs),
+    Unpair(super::fleet::UnpairArgs),
+    EditAgent(super::fleet::EditAgentArgs),
 }
 
 #[derive(FromArgs)]
@@ -180,6 +185,10 @@ pub fn main(invoked: &str, args: &[String]) -> AppResult {
         Verb::ListAgents(a) if after.is_empty() => list_agents(a),
         Verb::ListLocks(a) if after.is_empty() => list_locks(a),
         Verb::Maintain(a) if after.is_empty() => super::maintain::maintain(a),
+        Verb::RotateCert(a) if after.is_empty() => super::fleet::rotate_cert(a),
+        Verb::SerialStatus(a) if after.is_empty() => super::fleet::serial_status(a),
+        Verb::Unpair(a) if after.is_empty() => super::fleet::unpair(a),
+        Verb::EditAgent(a) if after.is_empty() => super::fleet::edit_agent(a),
         _ => Err(Fail::usage("only 'run' takes arguments after '--'")),
     }
 }

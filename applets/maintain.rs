@@ -37,7 +37,8 @@ pub fn maintain(a: MaintainArgs) -> AppResult {
             .b("ok", ok)
             .i("agents", report.agents as i64)
             .i("pinged", report.pinged as i64)
-            .i("renewed", report.renewed as i64);
+            .i("renewed", report.renewed as i64)
+            .b("rotated", report.rotated);
         if !ok {
             let errors: Array = report
                 .failures
@@ -51,6 +52,9 @@ pub fn maintain(a: MaintainArgs) -> AppResult {
         super::cli::print_renewals(&report.results);
         for (phase, e) in &report.failures {
             eprintln!("maintain: phase '{phase}' failed: {e}");
+        }
+        if report.rotated {
+            println!("The dispatcher certificate was due and has been rotated (see 'ctrl-exec serial-status').");
         }
         println!("Maintenance run: {}/{} agents pinged, dispatcher cert checked.", report.pinged, report.agents);
     }

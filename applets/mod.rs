@@ -12,6 +12,7 @@ pub mod agent;
 pub mod ca;
 pub mod cli;
 pub mod common;
+pub mod fleet;
 pub mod maintain;
 pub mod server;
 
@@ -37,7 +38,7 @@ pub const ROLES: &[Role] = &[
         name: "ctrl-exec",
         aliases: &["ctrl-exec-dispatcher", "ced"],
         sub: "",
-        summary: "operator CLI: run, status, wait, ping, maintain, list-agents, list-locks",
+        summary: "operator CLI: run, status, wait, ping, maintain, list-agents, edit-agent, rotate-cert, ...",
         main: cli::main,
     },
     Role {
@@ -92,6 +93,10 @@ fn top_help() -> String {
          \x20 maintain [--json]                              ping every agent with renewal, purge old run records\n\
          \x20 list-agents [--json] [--tags k=v,...]          show the registry\n\
          \x20 list-locks [--json]                            scripts held by running runs\n\
+         \x20 edit-agent <name> [--rename|--ip|--agent-port|--lookup-by]  change a registry entry\n\
+         \x20 unpair <name>                                  forget a registered agent\n\
+         \x20 rotate-cert [--check] [--json]                 rotate the dispatcher certificate\n\
+         \x20 serial-status [--json]                         rotation state, serial per agent\n\
          \x20 setup-ca | setup-ctrl-exec | enroll <name> ...  CA verbs (see ctrl-exec ca --help)\n\
          \x20 pairing-mode [start|stop] [--timeout <s>]      accept pairing requests from agents\n\
          \x20 list-requests [--json] | approve <id> | deny <id>  answer them\n\

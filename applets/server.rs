@@ -9,7 +9,9 @@
 //! `api_auth_default` when there is no hook. `/health` alone skips the gate,
 //! so a load balancer can probe it. Agents are contacted through the same
 //! engine as the CLI (`src/dispatch.rs`); TLS sessions to agents are kept in
-//! memory, so repeated calls skip the RSA signatures.
+//! memory, so repeated calls skip the RSA signatures. A dispatcher
+//! certificate rotation is picked up without a restart (the engine looks at
+//! the certificate files at most once a second; SIGHUP reloads them at once).
 
 use std::cell::Cell;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -75,7 +77,7 @@ pub fn main(invoked: &str, args: &[String]) -> AppResult {
     let listener =
         TcpListener::bind(addr).and_then(Async::new).map_err(|e| Fail::new(format!("cannot listen on {addr}: {e}")))?;
     let port = listener.get_ref().local_addr().map(|a| a.port()).unwrap_or(addr.port());
-    let signals = Signals::new([Signal::Term, Signal::Int])
+    let signals = Signals::new([Signal::Term, Signal::Int, Signal::Hup])
         .map_err(|e| Fail::new(format!("cannot install signal handlers: {e}")))?;
     let store = RunStore::new(&cfg.runs_dir);
     let scheme = if tls.is_some() { "https" } else { "http" };
@@ -99,6 +101,7 @@ pub fn main(invoked: &str, args: &[String]) -> AppResult {
 
 enum Event {
     Conn(std::io::Result<(Async<TcpStream>, SocketAddr)>),
+    Reload,
     Stop,
 }
 
@@ -106,8 +109,10 @@ async fn accept_loop<'a>(ex: &LocalExecutor<'a>, app: &'a App, listener: Async<T
     let live = Rc::new(Cell::new(0usize));
     loop {
         let ev = smol::future::or(async { Event::Conn(listener.accept().await) }, async {
-            signals.next().await;
-            Event::Stop
+            match signals.next().await {
+                Some(Ok(Signal::Hup)) => Event::Reload,
+                _ => Event::Stop,
+            }
         })
         .await;
         match ev {
@@ -124,6 +129,17 @@ async fn accept_loop<'a>(ex: &LocalExecutor<'a>, app: &'a App, listener: Async<T
                 audit::err("accept-error", &[("REASON", &e.to_string())]);
                 Timer::after(Duration::from_millis(100)).await;
             }
+            Event::Reload => match app.engine.reload_identities() {
+                // The dispatcher certificate (after a rotation on another node, say).
+                Ok(()) => {
+                    let ids = app.engine.identities();
+                    let prev = ids.previous.as_ref().map(|p| p.serial.as_str()).unwrap_or("(none)");
+                    audit::info("identity-reload", &[("SERIAL", &ids.current.serial), ("PREVIOUS", prev)]);
+                }
+                Err(e) => {
+                    audit::err("identity-reload-fail", &[("ERROR", &e.0), ("RESULT", "kept the loaded identity")])
+                }
+            },
             Event::Stop => break,
         }
     }

@@ -462,6 +462,14 @@ pub struct DispatcherConfig {
     pub auth_deny_generic: bool,
     /// Audit sink.
     pub log: LogTarget,
+    /// Rotate the dispatcher certificate when fewer whole days remain.
+    pub cert_renewal_days: u32,
+    /// How long the previous dispatcher serial stays in use after a rotation.
+    pub cert_overlap_days: u32,
+    /// Rotation state (`rotation.json`).
+    pub rotation_file: PathBuf,
+    /// Lifetime of a rotated dispatcher certificate (`cert_days` if set, else 825).
+    pub dispatcher_cert_days: u32,
     /// Pairing settings.
     pub pairing: PairingConfig,
 }
@@ -527,6 +535,9 @@ impl DispatcherConfig {
             },
             pidfile: state_dir.join("pairing-mode.pid"),
         };
+        let rotation_file = raw
+            .opt_path("rotation_file")
+            .unwrap_or_else(|| registry_dir.parent().unwrap_or(Path::new("/var/lib/ctrl-exec")).join("rotation.json"));
         Ok(DispatcherConfig {
             pairing,
             cert: raw.req_path("cert")?,
@@ -570,6 +581,10 @@ impl DispatcherConfig {
             api_auth_default_allow: raw.choice("api_auth_default", "deny", &["deny", "allow"])? == "allow",
             auth_deny_generic: raw.flag("auth_deny_generic", false)?,
             log: raw.log_target()?,
+            cert_renewal_days: raw.num(&["cert_renewal_days"], 90, 0, 36_500)? as u32,
+            cert_overlap_days: raw.num(&["cert_overlap_days"], 30, 0, 3650)? as u32,
+            rotation_file,
+            dispatcher_cert_days: raw.num(&["cert_days"], 825, 1, 36_500)? as u32,
             path: raw.path,
         })
     }

@@ -7,17 +7,18 @@
 //! shapes (wire.md §2.10): a run result is the agent's reply plus `host`,
 //! `rtt` and `reqid`, or `{host, script, exit: -1, error, rtt, reqid}`.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use miniserde::json::{self, Object, Value};
-use openssl::ssl::SslContext;
 
 use crate::audit;
-use crate::client::{self, CallError, SessionCache, Target, Timeouts};
+use crate::client::{self, CallError, Target, Timeouts};
 use crate::config::DispatcherConfig;
 use crate::http::Response;
+use crate::identity::Identities;
 use crate::registry::{DEFAULT_PORT, Registry, RegistryError};
 use crate::wire::{Obj, get_i64, get_str, parse_object, str_array};
 
@@ -97,11 +98,18 @@ pub struct RunRequest {
 }
 
 /// The dispatcher's identity and settings, ready to contact agents.
+///
+/// It holds the current certificate and, during a rotation's overlap
+/// window, the previous one, and presents to each agent the one that agent
+/// trusts (see [`crate::identity`]). A long-running process notices a
+/// rotation by itself: before a fan-out, at most once a second, it compares
+/// the certificate files' metadata with what it loaded.
 pub struct Engine {
     /// ctrl-exec.conf.
     pub cfg: DispatcherConfig,
-    ctx: SslContext,
-    cache: Option<SessionCache>,
+    ids: RefCell<Rc<Identities>>,
+    checked: Cell<Instant>,
+    persistent: bool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -185,13 +193,47 @@ impl Engine {
     /// Load the dispatcher identity; `persistent_cache` keeps TLS sessions in
     /// `tls_session_cache` (one-shot CLI) rather than in memory only (server).
     pub fn open(cfg: DispatcherConfig, persistent_cache: bool) -> Result<Engine, crate::tls::TlsError> {
-        let ctx = crate::tls::client_context(&cfg.cert, &cfg.key, &cfg.ca)?;
-        let cache = match (&cfg.tls_session_cache, persistent_cache) {
-            (None, _) => None,
-            (Some(dir), true) => std::fs::read(&cfg.cert).ok().and_then(|pem| SessionCache::open(dir, &pem)),
-            (Some(_), false) => Some(SessionCache::in_memory()),
-        };
-        Ok(Engine { cfg, ctx, cache })
+        let ids = crate::identity::load(&cfg, persistent_cache)?;
+        Ok(Engine {
+            cfg,
+            ids: RefCell::new(Rc::new(ids)),
+            checked: Cell::new(Instant::now()),
+            persistent: persistent_cache,
+        })
+    }
+
+    /// The identities in use now.
+    pub fn identities(&self) -> Rc<Identities> {
+        self.ids.borrow().clone()
+    }
+
+    /// Load the identities again (after a rotation, or on SIGHUP). On
+    /// failure the ones in use stay and the error is returned.
+    pub fn reload_identities(&self) -> Result<(), crate::tls::TlsError> {
+        self.checked.set(Instant::now());
+        let ids = crate::identity::load(&self.cfg, self.persistent)?;
+        *self.ids.borrow_mut() = Rc::new(ids);
+        Ok(())
+    }
+
+    /// Reload if the certificate files changed; looks at most once a second.
+    fn refresh_identities(&self) {
+        if self.checked.get().elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        self.checked.set(Instant::now());
+        if self.ids.borrow().stale(&self.cfg) {
+            match self.reload_identities() {
+                Ok(()) => {
+                    let ids = self.identities();
+                    let prev = ids.previous.as_ref().map(|p| p.serial.as_str()).unwrap_or("(none)");
+                    audit::info("identity-reload", &[("SERIAL", &ids.current.serial), ("PREVIOUS", prev)]);
+                }
+                Err(e) => {
+                    audit::err("identity-reload-fail", &[("ERROR", &e.0), ("RESULT", "kept the loaded identity")])
+                }
+            }
+        }
     }
 
     /// The registry.
@@ -206,7 +248,11 @@ impl Engine {
     /// One exchange with one target outside a fan-out (e.g. the renewal
     /// exchange that follows a ping), with the usual timeouts and session cache.
     pub async fn call(&self, t: &Target, method: &str, path: &str, body: Option<&str>) -> Result<Response, CallError> {
-        client::call(&self.ctx, t, method, path, body, self.timeouts(), self.cache.as_ref()).await
+        self.refresh_identities();
+        let ids = self.identities();
+        let rec = self.registry().get(&t.name).ok().flatten();
+        let id = ids.for_agent(rec.as_ref());
+        client::call(&id.ctx, t, method, path, body, self.timeouts(), id.cache.as_ref()).await
     }
 
     async fn fan<R>(
@@ -218,12 +264,19 @@ impl Engine {
         mut done: impl FnMut(&Target, Duration, Result<Response, CallError>) -> R,
     ) {
         let tmo = self.timeouts();
+        self.refresh_identities();
+        let ids = self.identities();
+        let reg = self.registry();
+        let ids = &ids;
+        let reg = &reg;
         crate::fanout::for_each(
             targets.iter(),
             self.cfg.max_parallel,
             |t| async move {
+                let rec = reg.get(&t.name).ok().flatten();
+                let id = ids.for_agent(rec.as_ref());
                 let start = Instant::now();
-                let r = client::call(&self.ctx, t, method, path, body, tmo, self.cache.as_ref()).await;
+                let r = client::call(&id.ctx, t, method, path, body, tmo, id.cache.as_ref()).await;
                 (t, start.elapsed(), r)
             },
             |(t, took, r)| {
@@ -231,6 +284,18 @@ impl Engine {
             },
         )
         .await
+    }
+
+    /// POST `body` to `path` on every target (each with the identity it
+    /// trusts); `done` gets the reply object of a 2xx answer, or the error text.
+    pub async fn post_each(
+        &self,
+        targets: &[Target],
+        path: &str,
+        body: &str,
+        mut done: impl FnMut(&Target, Duration, Result<Object, String>),
+    ) {
+        self.fan(targets, "POST", path, Some(body), |t, took, r| done(t, took, reply_object(t, r))).await
     }
 
     /// Run a script on every target; `done` gets each result as it completes.

@@ -24,6 +24,9 @@
 //! | [`dispatch`] | operations on many agents, shared by the CLI and the API server |
 //! | [`server`] | the agent's handling of one authenticated connection |
 //! | [`armor`] | checksummed text blocks that survive a serial console |
+//! | [`rotate`] | the agent's `/rotate-serial` (trusted map changes by a dispatcher) |
+//! | [`identity`] | the dispatcher's current and previous certificate, chosen per agent |
+//! | [`rotation`] | dispatcher certificate rotation: state, broadcast, expiry, retirement |
 //! | [`bundle`] | the text-safe enrolment bundle |
 //! | [`pairing`] | pairing requests, the approval queue, signing, the listener's side |
 //! | [`pairagent`] | pairing from the agent's side: request, wait, install |
@@ -46,6 +49,7 @@ pub mod fanout;
 pub mod fsutil;
 pub mod hook;
 pub mod http;
+pub mod identity;
 pub mod locks;
 pub mod maintain;
 pub mod openapi;
@@ -54,6 +58,8 @@ pub mod pairing;
 pub mod ratelimit;
 pub mod registry;
 pub mod renew;
+pub mod rotate;
+pub mod rotation;
 pub mod runstore;
 pub mod server;
 pub mod time;

@@ -6,7 +6,8 @@
 //!
 //! 1. `ping`: ping every registered agent and renew the certificates that
 //!    are due ([`crate::renew`]);
-//! 2. the dispatcher-certificate rotation phase (added by the rotation work);
+//! 2. the dispatcher certificate (`crate::rotation`): rotate when due,
+//!    broadcast the serial, expire the overlap window, retire;
 //! 3. `purge`: drop run records older than 24 h from `runs_dir`.
 
 use std::time::Duration;
@@ -35,6 +36,8 @@ pub struct Report {
     pub renewal: renew::Summary,
     /// Run records purged.
     pub purged: usize,
+    /// The dispatcher certificate was rotated (it was due).
+    pub rotated: bool,
     /// Per-agent ping results (with the renewal notes of [`renew::renew_due`]).
     pub results: Vec<Object>,
     /// Phases that failed: (phase, error).
@@ -56,10 +59,11 @@ pub fn run(cfg: &DispatcherConfig) -> Report {
     let r = ping_phase(cfg, &mut report);
     report.phase("ping", r);
 
-    // rotation phase: added by the rotation work (dispatcher cert
-    // check-and-rotate, serial broadcast to pending agents, expiry of stale
-    // agents, retirement of the previous serial). Run it here, isolated like
-    // the others: `let r = …; report.phase("rotation", r);`
+    // Dispatcher certificate: rotate if due, broadcast the serial to agents
+    // that have not confirmed it, expire the overlap window, retire.
+    for (phase, e) in rotation_phase(cfg, &mut report) {
+        report.phase(phase, Err(e));
+    }
 
     let r = purge_phase(cfg, &mut report);
     report.phase("purge", r);
@@ -106,6 +110,17 @@ fn ping_phase(cfg: &DispatcherConfig, report: &mut Report) -> Result<(), String>
         report.results = results;
     }
     if unreadable.is_empty() { Ok(()) } else { Err(format!("unreadable registry records: {}", unreadable.join(", "))) }
+}
+
+/// The rotation pass of `crate::rotation`; returns the sub-phases that failed.
+fn rotation_phase(cfg: &DispatcherConfig, report: &mut Report) -> Vec<(&'static str, String)> {
+    let engine = match Engine::open(cfg.clone(), true) {
+        Ok(e) => e,
+        Err(e) => return vec![("rotation", format!("cannot load the dispatcher identity: {e}"))],
+    };
+    let m = crate::rotation::rotation_maintenance(cfg, &engine);
+    report.rotated = m.rotated.is_some();
+    m.errors
 }
 
 /// Drop run records older than a day.

@@ -125,6 +125,7 @@ async fn route(req: &http::Request, peer: &Peer, state: &AgentState) -> Reply {
         ("POST", "/run") => run(req, peer, state).await,
         ("POST", "/ping") => ping(req, peer, state),
         ("GET", "/capabilities") => capabilities(peer, state).await,
+        ("POST", "/rotate-serial") => crate::rotate::rotate_serial(req, peer, state).await,
         ("GET", p) if p.strip_prefix("/result/").is_some_and(crate::wire::valid_reqid) => result(&p[8..], peer, state),
         // Renewal (src/renew.rs): behind the trusted-dispatcher gate, unlike upstream.
         ("POST", "/renew") => match gate(peer, state, &crate::renew::reqid_of(req)) {
@@ -140,7 +141,7 @@ async fn route(req: &http::Request, peer: &Peer, state: &AgentState) -> Reply {
 }
 
 /// The trusted-dispatcher gate: the caller's dispatcher id, or a 403.
-fn gate<'a>(peer: &Peer, state: &'a AgentState, reqid: &str) -> Result<&'a str, Reply> {
+pub(crate) fn gate<'a>(peer: &Peer, state: &'a AgentState, reqid: &str) -> Result<&'a str, Reply> {
     match state.trusted.lookup(&peer.serial) {
         Some(id) => Ok(id),
         None => {

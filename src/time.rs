@@ -78,6 +78,23 @@ pub fn parse_openssl_date(s: &str) -> Option<i64> {
     Some(days_from_civil(year, m, day) * 86_400 + h * 3600 + mi * 60 + sec)
 }
 
+/// Parse `YYYY-MM-DDTHH:MM:SSZ` (as [`iso_utc`] writes it) into Unix time.
+pub fn parse_iso_utc(s: &str) -> Option<i64> {
+    let s = s.trim().strip_suffix('Z')?;
+    let (date, time) = s.split_once('T')?;
+    let mut d = date.splitn(3, '-');
+    let (y, m, day) = (d.next()?.parse::<i64>().ok()?, d.next()?.parse::<u32>().ok()?, d.next()?.parse::<u32>().ok()?);
+    let mut t = time.splitn(3, ':');
+    let (h, mi, sec) = (t.next()?.parse::<i64>().ok()?, t.next()?.parse::<i64>().ok()?, t.next()?.parse::<i64>().ok()?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || !(0..24).contains(&h) || !(0..60).contains(&mi) {
+        return None;
+    }
+    if !(0..=60).contains(&sec) {
+        return None;
+    }
+    Some(days_from_civil(y, m, day) * 86_400 + h * 3600 + mi * 60 + sec)
+}
+
 /// Local wall-clock time as `Mmm dd hh:mm:ss` (the RFC 3164 timestamp).
 pub fn syslog_stamp() -> String {
     let t = unix_now() as _;
@@ -109,6 +126,17 @@ pub async fn timeout<T>(d: std::time::Duration, fut: impl std::future::Future<Ou
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn iso_round_trip() {
+        for t in [0, 1_773_066_600, 1_798_202_433, 4_102_444_799] {
+            assert_eq!(parse_iso_utc(&iso_utc(t)), Some(t));
+        }
+        assert_eq!(parse_iso_utc("2026-12-25T12:40:33Z"), Some(1_798_202_433));
+        for bad in ["", "2026-12-25 12:40:33Z", "2026-13-01T00:00:00Z", "2026-12-25T12:40:33", "x"] {
+            assert_eq!(parse_iso_utc(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn iso_known_points() {

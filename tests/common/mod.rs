@@ -424,3 +424,41 @@ pub fn capture(schema: &str, body: &str) {
     let n = N.fetch_add(1, Ordering::Relaxed);
     std::fs::write(dir.join(format!("{schema}-{}-{n}.json", std::process::id())), body).unwrap();
 }
+
+// --- dispatcher certificate rotation (tests/rotation.rs) -------------------
+
+impl Dispatcher {
+    /// The registry record of `name`.
+    pub fn record(&self, name: &str) -> miniserde::json::Object {
+        json(&std::fs::read_to_string(self.path().join("agents").join(format!("{name}.json"))).unwrap())
+    }
+
+    /// `rotation.json`, if there is one (next to the registry by default).
+    pub fn rotation_state(&self) -> Option<miniserde::json::Object> {
+        std::fs::read_to_string(self.path().join("rotation.json")).ok().map(|t| json(&t))
+    }
+}
+
+impl Agent {
+    /// The trusted-dispatcher map as written on disk.
+    pub fn trusted(&self) -> String {
+        std::fs::read_to_string(self.dir.join("ctrl-exec-dispatchers")).unwrap_or_default()
+    }
+}
+
+/// Do the PEM certificate and private key at these paths belong together?
+pub fn pair_matches(cert: &Path, key: &Path) -> bool {
+    let (Ok(c), Ok(k)) = (std::fs::read(cert), std::fs::read(key)) else { return false };
+    match (openssl::x509::X509::from_pem(&c), openssl::pkey::PKey::private_key_from_pem(&k)) {
+        (Ok(c), Ok(k)) => c.public_key().map(|p| p.public_eq(&k)).unwrap_or(false),
+        _ => false,
+    }
+}
+
+/// Serial (lowercase hex, no leading zeros) of the PEM certificate at `cert`.
+pub fn cert_serial(cert: &Path) -> String {
+    let c = openssl::x509::X509::from_pem(&std::fs::read(cert).unwrap()).unwrap();
+    let hex = c.serial_number().to_bn().unwrap().to_hex_str().unwrap().to_ascii_lowercase();
+    let t = hex.trim_start_matches('0');
+    if t.is_empty() { "0".into() } else { t.into() }
+}
