@@ -55,6 +55,7 @@ enum Verb {
     AsyncRun(AsyncRun),
     CertStaged(CertStaged),
     RequestPairing(pairing::RequestPairing),
+    InstallReply(pairing::InstallReply),
 }
 
 #[derive(FromArgs)]
@@ -171,6 +172,7 @@ pub fn main(invoked: &str, args: &[String]) -> AppResult {
         Some(Verb::PromoteCert(a)) => promote_cert(a),
         Some(Verb::AsyncRun(a)) => async_run(a),
         Some(Verb::RequestPairing(a)) => pairing::request_pairing(a),
+        Some(Verb::InstallReply(a)) => pairing::install_reply(a),
         Some(Verb::CertStaged(a)) => Ok(match load_config(&a.config) {
             Ok(cfg) if cfg.cert_staging_path.is_file() => EXIT_OK,
             _ => EXIT_FAIL,

@@ -43,6 +43,7 @@ enum Verb {
     ListRequests(pairing::ListRequests),
     Approve(pairing::Approve),
     Deny(pairing::Deny),
+    Sign(pairing::Sign),
 }
 
 #[derive(FromArgs)]
@@ -112,6 +113,7 @@ pub fn main(invoked: &str, args: &[String]) -> AppResult {
         Verb::ListRequests(a) => pairing::list_requests(a),
         Verb::Approve(a) => pairing::approve(a),
         Verb::Deny(a) => pairing::deny(a),
+        Verb::Sign(a) => pairing::sign(a),
     }
 }
 

@@ -66,7 +66,7 @@ pub const ROLES: &[Role] = &[
 
 /// CLI verbs served by the CA role.
 const CA_VERBS: &[&str] =
-    &["setup-ca", "setup-ctrl-exec", "enroll", "pairing-mode", "list-requests", "approve", "deny"];
+    &["setup-ca", "setup-ctrl-exec", "enroll", "pairing-mode", "list-requests", "approve", "deny", "sign"];
 
 fn basename(p: &str) -> &str {
     p.rsplit('/').next().unwrap_or(p)
@@ -100,6 +100,7 @@ fn top_help() -> String {
          \x20 setup-ca | setup-ctrl-exec | enroll <name> ...  CA verbs (see ctrl-exec ca --help)\n\
          \x20 pairing-mode [start|stop] [--timeout <s>]      accept pairing requests from agents\n\
          \x20 list-requests [--json] | approve <id> | deny <id>  answer them\n\
+         \x20 sign [--yes] < request                         sign an offline (serial console) pairing request\n\
          \nOther:\n\
          \x20 --version                print the version\n\
          \x20 --install-links <dir>    create a symlink per role in <dir>\n\

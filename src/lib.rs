@@ -29,6 +29,7 @@
 //! | [`rotation`] | dispatcher certificate rotation: state, broadcast, expiry, retirement |
 //! | [`bundle`] | the text-safe enrolment bundle |
 //! | [`pairing`] | pairing requests, the approval queue, signing, the listener's side |
+//! | [`offline`] | pairing as text over a serial console: request, reply, idempotent steps |
 //! | [`pairagent`] | pairing from the agent's side: request, wait, install |
 //! | [`ratelimit`] | per-address connection volume limits |
 //! | [`renew`] | agent certificate renewal: the agent's endpoints and the dispatcher's exchange |
@@ -52,6 +53,7 @@ pub mod http;
 pub mod identity;
 pub mod locks;
 pub mod maintain;
+pub mod offline;
 pub mod openapi;
 pub mod pairagent;
 pub mod pairing;

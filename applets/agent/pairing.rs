@@ -10,6 +10,7 @@ use argh::FromArgs;
 use ctrl_exec::audit;
 use ctrl_exec::ca::{self, KeyType};
 use ctrl_exec::error::{AppResult, EXIT_OK, EXIT_USAGE, Fail};
+use ctrl_exec::offline::{self, PendingFiles};
 use ctrl_exec::pairagent::{self, Dispatcher, Outcome, Plan};
 use ctrl_exec::pairing::{self, PairRequest};
 
@@ -29,9 +30,14 @@ pub struct RequestPairing {
     /// /etc/ctrl-exec-agent/agent.conf; written if absent)
     #[argh(option)]
     config: Option<String>,
-    /// the dispatcher's name or address
+    /// the dispatcher's name or address (not with --offline)
     #[argh(option)]
-    dispatcher: String,
+    dispatcher: Option<String>,
+    /// print the request as text for a console or copy and paste instead
+    /// of connecting (answer with the CA's `sign`, then `install-reply`);
+    /// repeating it prints the same request until a reply is installed
+    #[argh(switch)]
+    offline: bool,
     /// the dispatcher's pairing port (default 7444)
     #[argh(option, default = "pairing::DEFAULT_PORT")]
     port: u16,
@@ -141,11 +147,20 @@ pub fn request_pairing(a: RequestPairing) -> AppResult {
         Err(_) => ctrl_exec::config::LogTarget::Syslog("/dev/log".into()),
     };
     common::init_audit("ctrl-exec-agent", &log, a.log_stderr);
+    if a.offline {
+        if a.dispatcher.is_some() || a.background {
+            return Err(Fail::usage("--offline does not go with --dispatcher or --background"));
+        }
+        return offline_request(&a, &conf);
+    }
+    let Some(host) = a.dispatcher.clone() else {
+        return Err(Fail::usage("say where the dispatcher is: --dispatcher <host> (or use --offline)"));
+    };
     let c = check(&a, &conf)?;
     if a.background {
         return background_parent(&conf);
     }
-    let d = Dispatcher { host: a.dispatcher.clone(), port: a.port };
+    let d = Dispatcher { host, port: a.port };
     let quiet = a.background_child;
     let say = |s: &str| {
         if !quiet {
@@ -219,6 +234,114 @@ pub fn request_pairing(a: RequestPairing) -> AppResult {
             }
         }
     })
+}
+
+/// `request-pairing --offline`: print the request (the same one again while
+/// it waits for its reply).
+fn offline_request(a: &RequestPairing, conf: &Path) -> AppResult {
+    let plan = Plan::for_conf(conf)?;
+    let pending = PendingFiles::beside(&plan.paths.key);
+    let tail = |code: &str| {
+        eprintln!("Pairing code: {code}");
+        eprintln!("Copy the block from BEGIN to END into 'ctrl-exec-ca sign' on the dispatcher and check that");
+        eprintln!("it shows the same code; then paste its reply into:");
+        eprintln!("    ctrl-exec-agent install-reply --config {}", conf.display());
+    };
+    if let Some((_, req)) = pending.load() {
+        eprintln!("This agent's earlier request is still waiting for its reply; here it is again.");
+        print!("{}", offline::render_request(&req));
+        tail(&req.code());
+        return Ok(EXIT_OK);
+    }
+    let c = check(a, conf)?;
+    eprintln!("Generating the {} key and CSR for '{}'...", c.key_type.describe(), c.name);
+    let key = c.key_type.generate()?;
+    let key_pem = ca::key_pem(&key)?;
+    let csr = ca::make_csr(&key, &c.name)?;
+    let req = PairRequest {
+        hostname: c.name.clone(),
+        csr: String::from_utf8_lossy(&csr.to_pem().map_err(ca::CaError::from)?).into_owned(),
+        nonce: pairagent::new_nonce()?,
+        ip: None,
+        port: Some(a.agent_port.unwrap_or(c.plan.port)),
+        lookup_by: a.lookup_by.clone(),
+    };
+    let text = offline::render_request(&req);
+    pending.save(&key_pem, &text)?;
+    audit::info("pair-request", &[("AGENT", &c.name), ("MODE", "offline"), ("CODE", &req.code())]);
+    print!("{text}");
+    tail(&req.code());
+    Ok(EXIT_OK)
+}
+
+#[derive(FromArgs)]
+/// Install the reply of `ctrl-exec-ca sign` (read on stdin) to an offline
+/// pairing request; installing it again changes nothing.
+#[argh(subcommand, name = "install-reply", help_triggers("-h", "--help"))]
+pub struct InstallReply {
+    /// agent.conf whose paths receive the identity (default
+    /// /etc/ctrl-exec-agent/agent.conf; written if absent)
+    #[argh(option)]
+    config: Option<String>,
+    /// directory for run-time state in a new agent.conf; absolute
+    #[argh(option)]
+    state_dir: Option<String>,
+    /// write audit lines to stderr instead of syslog
+    #[argh(switch)]
+    log_stderr: bool,
+}
+
+/// `install-reply`.
+pub fn install_reply(a: InstallReply) -> AppResult {
+    let conf = PathBuf::from(a.config.as_deref().unwrap_or(ctrl_exec::config::AGENT_CONF));
+    let log = match ctrl_exec::config::AgentConfig::load(&conf) {
+        Ok(c) => c.log,
+        Err(_) => ctrl_exec::config::LogTarget::Syslog("/dev/log".into()),
+    };
+    common::init_audit("ctrl-exec-agent", &log, a.log_stderr);
+    if let Some(s) = &a.state_dir
+        && !Path::new(s).is_absolute()
+    {
+        return Err(Fail::usage(format!("--state-dir must be an absolute path, not {s}")));
+    }
+    let mut text = String::new();
+    std::io::stdin()
+        .take(1 << 20)
+        .read_to_string(&mut text)
+        .map_err(|e| Fail::new(format!("cannot read the reply from stdin: {e}")))?;
+    let (name, ap) = offline::parse_reply(&text)?;
+    let plan = Plan::for_conf(&conf)?;
+    let pending = PendingFiles::beside(&plan.paths.key);
+    let Some((key_pem, req)) = pending.load() else {
+        if std::fs::read_to_string(&plan.paths.cert).is_ok_and(|c| c == ap.cert) {
+            println!("This reply is already installed ({}); nothing to do.", plan.paths.cert.display());
+            return Ok(EXIT_OK);
+        }
+        return Err(Fail::new(format!(
+            "no pending pairing request for {}: run 'ctrl-exec-agent request-pairing --offline --config {}' first",
+            conf.display(),
+            conf.display()
+        )));
+    };
+    if ap.nonce != req.nonce || name != req.hostname {
+        return Err(Fail::new(
+            "this reply answers a different request (its name or nonce differ from the pending one); nothing was installed",
+        ));
+    }
+    plan.preflight()?;
+    let state = a.state_dir.as_deref().map(Path::new);
+    let report = plan.install(&req.hostname, req.port.unwrap_or(plan.port), &key_pem, &ap, state)?;
+    pending.clear();
+    audit::info(
+        "pair-complete",
+        &[("STATUS", "approved"), ("MODE", "offline"), ("DISPATCHER", &ap.dispatcher_id), ("AGENT", &name)],
+    );
+    for l in report {
+        println!("  {l}");
+    }
+    println!("Pairing complete. Certificates stored.");
+    next_steps(&conf);
+    Ok(EXIT_OK)
 }
 
 fn next_steps(conf: &Path) {

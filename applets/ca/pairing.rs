@@ -14,8 +14,9 @@ use argh::FromArgs;
 use async_signal::{Signal, Signals};
 use ctrl_exec::audit;
 use ctrl_exec::config::DispatcherConfig;
-use ctrl_exec::error::{AppResult, EXIT_OK, Fail};
+use ctrl_exec::error::{AppResult, EXIT_FAIL, EXIT_OK, Fail};
 use ctrl_exec::fsutil::{self, FileLock};
+use ctrl_exec::offline;
 use ctrl_exec::pairing::{self, Answer, ListenerCfg, Overrides, Pending, Queue};
 use ctrl_exec::ratelimit::{RateLimit, Verdict};
 use ctrl_exec::tls::TlsStream;
@@ -105,7 +106,102 @@ pub struct Deny {
     id: String,
 }
 
+#[derive(FromArgs)]
+/// Sign an offline pairing request read on stdin (from `ctrl-exec-agent
+/// request-pairing --offline`): show its code, ask on the terminal, sign,
+/// register the agent and print the reply for `install-reply`. Signing the
+/// same request again prints the same reply.
+#[argh(subcommand, name = "sign", help_triggers("-h", "--help"))]
+pub struct Sign {
+    /// config file (default $CTRL_EXEC_CONFIG or /etc/ctrl-exec/ctrl-exec.conf)
+    #[argh(option)]
+    config: Option<String>,
+    /// do not ask (for scripts that compared the code themselves)
+    #[argh(switch)]
+    yes: bool,
+    /// how to address the agent: ip or hostname (default: the request's, else hostname)
+    #[argh(option)]
+    lookup_by: Option<String>,
+    /// address to register (default: the one in the request, if any)
+    #[argh(option)]
+    ip: Option<String>,
+    /// the agent's port (default: the one in the request, else 7443)
+    #[argh(option)]
+    agent_port: Option<String>,
+    /// write audit lines to stderr instead of syslog
+    #[argh(switch)]
+    log_stderr: bool,
+}
+
 const IDENT: &str = "ctrl-exec-dispatcher";
+
+/// Ask a yes/no question on the controlling terminal (stdin carries the
+/// request).
+fn confirm(text: &str) -> Result<bool, Fail> {
+    use std::io::Write;
+    let tty = std::fs::OpenOptions::new().read(true).write(true).open("/dev/tty").map_err(|_| {
+        Fail::usage("no terminal to ask for confirmation: compare the code yourself, then re-run with --yes")
+    })?;
+    let mut w = &tty;
+    let _ = write!(w, "{text}");
+    let _ = w.flush();
+    let mut line = String::new();
+    std::io::BufReader::new(&tty)
+        .read_line(&mut line)
+        .map_err(|e| Fail::new(format!("cannot read the answer: {e}")))?;
+    Ok(matches!(line.trim().to_ascii_lowercase().as_str(), "y" | "yes"))
+}
+
+/// `sign`: the CA's half of offline pairing.
+pub fn sign(a: Sign) -> AppResult {
+    use std::io::Read;
+    let cfg = common::load_dispatcher(&a.config)?;
+    common::init_audit(IDENT, &cfg.log, a.log_stderr);
+    let o = overrides(a.lookup_by, a.ip, a.agent_port)?;
+    let mut text = String::new();
+    std::io::stdin()
+        .take(1 << 20)
+        .read_to_string(&mut text)
+        .map_err(|e| Fail::new(format!("cannot read the request from stdin: {e}")))?;
+    let req = offline::parse_request(&text)?;
+    let store = offline::reply_store(&cfg.pairing.dir, &req);
+    if let Ok(reply) = std::fs::read_to_string(&store) {
+        eprintln!("This request was signed before; here is the same reply again (no new certificate).");
+        print!("{reply}");
+        return Ok(EXIT_OK);
+    }
+    let about = format!(
+        "Offline pairing request:\n  Agent: {}\n  Code:  {}\n  Port:  {}\n  Addr:  {}\n",
+        req.hostname,
+        req.code(),
+        o.port.or(req.port).unwrap_or(ctrl_exec::registry::DEFAULT_PORT),
+        o.ip.as_deref().or(req.ip.as_deref()).unwrap_or("(by name)")
+    );
+    if a.yes {
+        eprint!("{about}");
+    } else if !confirm(&format!("{about}Sign it? Only if the agent's console shows code {}. [y/N] ", req.code()))? {
+        eprintln!("Not signed; nothing changed.");
+        return Ok(EXIT_FAIL);
+    }
+    let ip = o.ip.clone().or(req.ip.clone()).unwrap_or_default();
+    let reqid = ctrl_exec::wire::new_reqid();
+    let signed = pairing::sign_and_register(&cfg, &reqid, &req, &ip, &o)?;
+    let reply = offline::render_reply(&req.hostname, &signed.approval);
+    if let Some(d) = store.parent() {
+        fsutil::ensure_dir(d, 0o700)?;
+    }
+    fsutil::atomic_write(&store, reply.as_bytes(), 0o600)?;
+    audit::info(
+        "pair-approve",
+        &[("AGENT", &req.hostname), ("REQID", &reqid), ("SERIAL", &signed.serial), ("MODE", "offline")],
+    );
+    eprintln!(
+        "Signed and registered '{}' (certificate serial {}). Paste this reply into 'ctrl-exec-agent install-reply':",
+        req.hostname, signed.serial
+    );
+    print!("{reply}");
+    Ok(EXIT_OK)
+}
 
 fn queue(cfg: &DispatcherConfig) -> Queue {
     Queue::new(&cfg.pairing.dir)
