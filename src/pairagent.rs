@@ -243,7 +243,7 @@ pub async fn send(d: &Dispatcher, req: &mut PairRequest, limit: Duration) -> Res
     let ctx = crate::tls::pairing_client_context().map_err(|e| PairError(e.0))?;
     let not_pairing = || {
         PairError(format!(
-            "{}:{} accepted the connection but is not a ctrl-exec pairing listener (wrong port?)",
+            "{}:{} accepted the connection but did not answer as a ctrl-exec pairing listener (wrong port? or this address is blocked for a while after repeated failed attempts)",
             d.host, d.port
         ))
     };

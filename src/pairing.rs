@@ -208,6 +208,18 @@ impl Approval {
     }
 }
 
+/// Is `csr` one PEM certificate request and nothing else? Text around the
+/// block would leave the CSR valid while changing the pairing code, which is
+/// computed over the whole string: refusing it keeps an attacker from tuning
+/// the code by appending bytes (wire.md §3.5).
+pub fn plain_csr(csr: &str) -> bool {
+    const BEGIN: &str = "-----BEGIN CERTIFICATE REQUEST-----";
+    const END: &str = "-----END CERTIFICATE REQUEST-----";
+    let body = csr.strip_suffix('\n').unwrap_or(csr);
+    let body = body.strip_suffix('\r').unwrap_or(body);
+    body.starts_with(BEGIN) && body.ends_with(END) && body.matches("-----").count() == 4 && csr.is_ascii()
+}
+
 /// A denial body.
 pub fn denial(reason: &str) -> String {
     Obj::new().s("status", "denied").s("reason", reason).to_json()
@@ -638,7 +650,7 @@ pub async fn serve<C: Conn>(conn: &mut C, source: IpAddr, l: &ListenerCfg) -> Ou
             return Outcome::Refused;
         }
     };
-    if pr.csr.len() > ca::MAX_CSR || !pr.csr.trim_start().starts_with("-----BEGIN CERTIFICATE REQUEST-----") {
+    if pr.csr.len() > ca::MAX_CSR || !plain_csr(&pr.csr) {
         audit::warn("pair-reject", &[("AGENT", &pr.hostname), ("IP", &src), ("REASON", "invalid-csr")]);
         let _ = http::write_response(
             conn,
@@ -754,6 +766,17 @@ mod tests {
         assert_eq!((r.port, r.lookup_by.as_deref(), r.ip.as_deref()), (Some(35913), Some("ip"), Some("127.0.0.1")));
         let back = PairRequest::parse(&r.to_json()).unwrap();
         assert_eq!(back, r);
+    }
+
+    #[test]
+    fn only_a_bare_pem_csr_is_queued() {
+        let csr = "-----BEGIN CERTIFICATE REQUEST-----\nQUJD\n-----END CERTIFICATE REQUEST-----\n";
+        assert!(plain_csr(csr));
+        assert!(plain_csr(csr.trim_end()));
+        assert!(!plain_csr(&format!("{csr}junk to tune the code")));
+        assert!(!plain_csr(&format!("x{csr}")));
+        assert!(!plain_csr(&format!("{csr}{csr}")));
+        assert!(!plain_csr("garbage"));
     }
 
     #[test]

@@ -8,22 +8,12 @@ mod common;
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-/// A pseudo-terminal pair: (master, slave).
-fn pty() -> (File, File) {
-    let (mut m, mut s) = (0, 0);
-    // SAFETY: openpty writes two new descriptors into m and s.
-    let rc = unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut()) };
-    assert_eq!(rc, 0, "openpty failed");
-    // SAFETY: fresh descriptors we now own.
-    unsafe { (File::from_raw_fd(m), File::from_raw_fd(s)) }
-}
 
 /// Run `cmd` with stdout and stderr on a console (pty) and return what the
 /// console showed, with the exit code.

@@ -313,6 +313,12 @@ fn hostile_and_malformed_requests_are_refused() {
     }
     let (_, r) = read_one(&mut pair_raw(l.port, r#"{"hostname":"a","csr":"garbage"}"#));
     assert_eq!(jstr(&r, "status"), "error");
+    // Bytes after the CSR would change the code without spoiling the CSR:
+    // such a request is refused, so the code cannot be tuned that way.
+    let tuned = miniserde::json::to_string(&format!("{}tuning-0042", csr_pem("a")));
+    let (_, r) = read_one(&mut pair_raw(l.port, &format!(r#"{{"hostname":"a","csr":{tuned}}}"#)));
+    assert_eq!(jstr(&r, "status"), "error");
+    assert!(l.text().contains("REASON=invalid-csr"));
     let big = format!(r#"{{"hostname":"a","csr":"{}"}}"#, "A".repeat(70_000));
     let (_, r) = read_one(&mut pair_raw(l.port, &big));
     assert_eq!(jstr(&r, "reason"), "request too large");
@@ -402,6 +408,8 @@ fn background_sessions_and_background_requests() {
     assert!(o.status.success(), "{}", stderr(&o));
     let id = stdout(&o).trim().to_string();
     assert_eq!(id.len(), 16, "{}", stdout(&o));
+    let code = stderr(&o).lines().find_map(|l| l.strip_prefix("Pairing code: ")).unwrap_or_default().to_string();
+    assert!(code.starts_with(&jstr(&wait_pending(&d, 1)[0], "code")), "{}", stderr(&o));
     assert!(t.elapsed() < Duration::from_secs(20));
     assert_eq!(jstr(&wait_pending(&d, 1)[0], "id"), id);
     d.ok(&["approve", &id]);
@@ -523,4 +531,47 @@ fn kill_9_during_pairing_never_leaves_a_half_written_file() {
     r.line("waiting for approval");
     d.ok(&["approve", &jstr(&wait_pending(&d, 1)[0], "id")]);
     assert_eq!(r.finish().0, 0);
+}
+
+#[test]
+fn interactive_session_on_a_terminal() {
+    let d = Dispatcher::new();
+    let (mut master, slave) = pty();
+    let port = free_port();
+    let mut cmd = d.cmd(&["pairing-mode", "--port", &port.to_string(), "--timeout", "120"]);
+    let mut listener =
+        cmd.stdin(slave.try_clone().unwrap()).stdout(slave.try_clone().unwrap()).stderr(Stdio::null()).spawn().unwrap();
+    drop((slave, cmd));
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let mut reader = master.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 || tx.send(String::from_utf8_lossy(&buf[..n]).into_owned()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut screen = String::new();
+    let mut expect = |needle: &str, screen: &mut String| {
+        let t = Instant::now();
+        while !screen.contains(needle) {
+            assert!(t.elapsed() < Duration::from_secs(30), "no '{needle}' on the terminal: {screen}");
+            if let Ok(chunk) = rx.recv_timeout(Duration::from_millis(100)) {
+                screen.push_str(&chunk);
+            }
+        }
+    };
+    expect("Pairing mode active", &mut screen);
+    let mut r = Requester::spawn(request(&d, port, "tty-1", &[]));
+    let code = r.line("Pairing code:").split_whitespace().last().unwrap().to_string();
+    expect("Accept, Deny, or Skip? [a/d/s]", &mut screen);
+    assert!(screen.contains(&code) && screen.contains("tty-1"), "{screen}");
+    master.write_all(b"a\n").unwrap();
+    expect("Approved 'tty-1'", &mut screen);
+    assert_eq!(r.finish().0, 0);
+    master.write_all(b"quit\n").unwrap();
+    expect("Pairing mode ended (quit)", &mut screen);
+    assert!(listener.wait().unwrap().success());
+    assert!(d.path().join("agents/tty-1.json").exists());
 }

@@ -191,7 +191,7 @@ pub fn request_pairing(a: RequestPairing) -> AppResult {
         let waiting = pairagent::send(&d, &mut req, Duration::from_secs(30)).await?;
         if quiet {
             // The parent process relays this line and exits.
-            println!("{}", waiting.reqid);
+            println!("{} {}", waiting.reqid, req.code());
         } else {
             say(&format!("Request {} is waiting for approval (up to {}s).", waiting.reqid, c.wait.as_secs()));
         }
@@ -359,7 +359,8 @@ fn next_steps(conf: &Path) {
         if Path::new("/run/systemd/system").exists() {
             println!("\n    systemctl enable --now ctrl-exec-agent");
         } else if Path::new("/etc/rc.common").exists() {
-            println!("\n    /etc/init.d/ctrl-exec-agent enable && /etc/init.d/ctrl-exec-agent start");
+            println!("\n    uci set ctrl-exec.agent.enabled=1; uci commit ctrl-exec");
+            println!("    /etc/init.d/ctrl-exec-agent enable; /etc/init.d/ctrl-exec-agent start");
         }
         println!("\n    ctrl-exec-agent serve --config {}", conf.display());
     }
@@ -394,9 +395,12 @@ fn background_parent(_conf: &Path) -> AppResult {
     if let Some(out) = child.stdout.take() {
         let _ = BufReader::new(out).read_line(&mut line);
     }
-    let id = line.trim();
-    if ctrl_exec::wire::valid_reqid(id) {
+    let mut words = line.split_whitespace();
+    if let (Some(id), Some(code)) = (words.next(), words.next())
+        && ctrl_exec::wire::valid_reqid(id)
+    {
         println!("{id}");
+        eprintln!("Pairing code: {code} (compare it with the dispatcher's before the request is approved)");
         return Ok(EXIT_OK);
     }
     let mut err = String::new();

@@ -249,6 +249,7 @@ fn approve_one(cfg: &DispatcherConfig, id: &str, o: &Overrides) -> Result<Vec<St
             p.req.hostname
         )));
     }
+    let replaced = registered(cfg, &p.req.hostname);
     let signed = pairing::sign_and_register(cfg, id, &p.req, &p.ip, o)?;
     q.answer(id, &Answer::Approved(signed.approval.to_json()))?;
     audit::info("pair-approve", &[("AGENT", &p.req.hostname), ("REQID", id), ("SERIAL", &signed.serial)]);
@@ -263,12 +264,18 @@ fn approve_one(cfg: &DispatcherConfig, id: &str, o: &Overrides) -> Result<Vec<St
             r.port
         ),
     ];
+    if replaced {
+        lines.push(format!("  This replaced the earlier registration of '{}' (its tags were kept).", r.hostname));
+    }
     if signed.approval.dispatcher_serial.is_empty() {
         lines.push("  WARNING: the dispatcher certificate has no serial; the agent will refuse every request.".into());
     }
     lines.push("  If this dispatcher cannot reach it that way, fix it without re-pairing:".into());
-    if !p.ip.is_empty() {
-        lines.push(format!("    ctrl-exec edit-agent {} --lookup-by ip --ip {}", r.hostname, p.ip));
+    // Behind NAT the agent reports its private address; the dispatcher
+    // reaches it (if at all) at the address the request came from.
+    let reach = if p.source_ip.is_empty() { &p.ip } else { &p.source_ip };
+    if !reach.is_empty() {
+        lines.push(format!("    ctrl-exec edit-agent {} --lookup-by ip --ip {}", r.hostname, reach));
     }
     if !p.reverse_dns.is_empty() && p.reverse_dns != r.hostname {
         lines.push(format!("    ctrl-exec edit-agent {} --rename {}", r.hostname, p.reverse_dns));
@@ -368,11 +375,22 @@ fn table(list: &[Pending]) -> String {
     s
 }
 
-fn details(p: &Pending) -> String {
+/// Is `name` already registered? (approving replaces that registration)
+fn registered(cfg: &DispatcherConfig, name: &str) -> bool {
+    ctrl_exec::registry::Registry::new(&cfg.registry_dir).get(name).ok().flatten().is_some()
+}
+
+fn details(cfg: &DispatcherConfig, p: &Pending) -> String {
     let mut s = format!(
         "  Agent:     {}\n  Code:      {}\n  ID:        {}\n  Received:  {}\n  Source IP: {}\n",
         p.req.hostname, p.code, p.id, p.received, p.source_ip
     );
+    if registered(cfg, &p.req.hostname) {
+        s.push_str(&format!(
+            "  NOTE:      '{}' is already registered; approving replaces that registration\n",
+            p.req.hostname
+        ));
+    }
     if p.ip != p.source_ip {
         s.push_str(&format!("  Reported:  {} (differs from the source address: NAT in between?)\n", p.ip));
     }
@@ -611,6 +629,7 @@ async fn accept_loop<'a>(
     let live = Rc::new(std::cell::Cell::new(0usize));
     let deadline = Instant::now() + limit;
     let mut shown: Vec<String> = Vec::new();
+    let mut listed: Vec<String> = Vec::new();
     let why = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let ev = smol::future::or(
@@ -655,7 +674,7 @@ async fn accept_loop<'a>(
                 Timer::after(Duration::from_millis(100)).await;
             }
             Event::Line(Some(l)) => {
-                if interact(s, &l, &mut shown) {
+                if interact(s, &l, &mut shown, &mut listed) {
                     break "quit";
                 }
             }
@@ -707,7 +726,10 @@ async fn connection(s: &Session<'_>, tcp: Async<TcpStream>, ip: IpAddr, _live: L
 
 /// Handle one typed line (empty: a periodic look for new requests).
 /// Returns true to end the session.
-fn interact(s: &Session<'_>, line: &str, shown: &mut Vec<String>) -> bool {
+///
+/// Numbers (`a2`) refer to the list as it was last shown, so a request
+/// arriving or leaving in between never shifts the choice onto another one.
+fn interact(s: &Session<'_>, line: &str, shown: &mut Vec<String>, listed: &mut Vec<String>) -> bool {
     let q = &s.listener.queue;
     let pending = q.list();
     let cmd = line.trim().to_ascii_lowercase();
@@ -719,24 +741,35 @@ fn interact(s: &Session<'_>, line: &str, shown: &mut Vec<String>) -> bool {
         for p in &new {
             shown.push(p.id.clone());
         }
-        prompt(&pending);
+        *listed = prompt(s.cfg, &pending);
         return false;
     }
-    let pick = |rest: &str| -> Option<&Pending> {
-        if rest.is_empty() {
-            return if pending.len() == 1 { pending.first() } else { None };
-        }
-        rest.parse::<usize>().ok().and_then(|n| n.checked_sub(1)).and_then(|i| pending.get(i))
+    let pick = |rest: &str| -> Result<&Pending, String> {
+        let id = if rest.is_empty() {
+            match listed.as_slice() {
+                [one] => one,
+                _ => return Err("Which one? Use a1, d2, ... (see 'list').".into()),
+            }
+        } else {
+            match rest.parse::<usize>().ok().and_then(|n| n.checked_sub(1)).and_then(|i| listed.get(i)) {
+                Some(id) => id,
+                None => return Err("No such number in the last list; type 'list' to see it again.".into()),
+            }
+        };
+        pending.iter().find(|p| p.id == *id).ok_or_else(|| format!("Request {id} is no longer pending."))
     };
     match cmd.as_str() {
         "q" | "quit" => return true,
-        "l" | "list" => prompt(&pending),
+        "l" | "list" => *listed = prompt(s.cfg, &pending),
         "s" | "skip" => println!("Left pending."),
         c if c.starts_with('a') || c.starts_with('d') => {
             let rest = c.trim_start_matches(|ch: char| ch.is_ascii_alphabetic());
-            let Some(p) = pick(rest) else {
-                println!("Which one? Use a1, d2, ... (see 'list').");
-                return false;
+            let p = match pick(rest) {
+                Ok(p) => p,
+                Err(why) => {
+                    println!("{why}");
+                    return false;
+                }
             };
             let r = if c.starts_with('a') {
                 approve_one(s.cfg, &p.id, &Overrides::default())
@@ -753,19 +786,21 @@ fn interact(s: &Session<'_>, line: &str, shown: &mut Vec<String>) -> bool {
     false
 }
 
-fn prompt(pending: &[Pending]) {
+/// Show the pending requests; returns their ids in the order shown.
+fn prompt(cfg: &DispatcherConfig, pending: &[Pending]) -> Vec<String> {
     match pending {
         [] => println!("No pending pairing requests."),
         [one] => {
-            println!("\nPairing request:\n{}", details(one));
+            println!("\nPairing request:\n{}", details(cfg, one));
             println!("Accept, Deny, or Skip? [a/d/s]");
         }
         many => {
             println!("\n{} pending pairing requests:", many.len());
             for (i, p) in many.iter().enumerate() {
-                println!("[{}]\n{}", i + 1, details(p));
+                println!("[{}]\n{}", i + 1, details(cfg, p));
             }
             println!("Type aN to accept, dN to deny request N, list, or quit.");
         }
     }
+    pending.iter().map(|p| p.id.clone()).collect()
 }

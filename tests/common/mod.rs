@@ -462,3 +462,14 @@ pub fn cert_serial(cert: &Path) -> String {
     let t = hex.trim_start_matches('0');
     if t.is_empty() { "0".into() } else { t.into() }
 }
+
+/// A pseudo-terminal pair: (master, slave).
+pub fn pty() -> (std::fs::File, std::fs::File) {
+    use std::os::fd::FromRawFd;
+    let (mut m, mut s) = (0, 0);
+    // SAFETY: openpty writes two new descriptors into m and s.
+    let rc = unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "openpty failed");
+    // SAFETY: fresh descriptors we now own.
+    unsafe { (std::fs::File::from_raw_fd(m), std::fs::File::from_raw_fd(s)) }
+}
