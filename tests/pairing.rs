@@ -553,7 +553,7 @@ fn interactive_session_on_a_terminal() {
         }
     });
     let mut screen = String::new();
-    let mut expect = |needle: &str, screen: &mut String| {
+    let expect = |needle: &str, screen: &mut String| {
         let t = Instant::now();
         while !screen.contains(needle) {
             assert!(t.elapsed() < Duration::from_secs(30), "no '{needle}' on the terminal: {screen}");
