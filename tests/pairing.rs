@@ -575,3 +575,64 @@ fn interactive_session_on_a_terminal() {
     assert!(listener.wait().unwrap().success());
     assert!(d.path().join("agents/tty-1.json").exists());
 }
+
+#[test]
+fn our_agent_speaks_to_a_perl_listener() {
+    // A stand-in for the Perl listener: reads the request as Perl does
+    // (headers up to CRLFCRLF, Content-Length anywhere in them), checks its
+    // shape, and answers with the two responses captured from Perl.
+    let d = Dispatcher::new();
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    let (cert, key) = (d.path().join("dispatcher.crt"), d.path().join("dispatcher.key"));
+    let server = std::thread::spawn(move || {
+        use openssl::ssl::{Ssl, SslContext, SslFiletype, SslMethod};
+        let mut b = SslContext::builder(SslMethod::tls_server()).unwrap();
+        b.set_certificate_file(&cert, SslFiletype::PEM).unwrap();
+        b.set_private_key_file(&key, SslFiletype::PEM).unwrap();
+        let ctx = b.build();
+        loop {
+            let (s, _) = tcp.accept().unwrap();
+            // The agent's reachability probe connects and closes first.
+            let Ok(mut s) = Ssl::new(&ctx).unwrap().accept(s) else { continue };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                s.read_exact(&mut byte).unwrap();
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8(head).unwrap();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length:").map(|v| v.trim().parse().unwrap()))
+                .unwrap();
+            let mut body = vec![0u8; len];
+            s.read_exact(&mut body).unwrap();
+            let golden =
+                std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/pairing/pair-denied.response"))
+                    .unwrap();
+            // Both captured responses, on the same connection.
+            let split = golden.windows(8).skip(1).position(|w| w == b"HTTP/1.0").unwrap() + 1;
+            s.write_all(&golden[..split]).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            s.write_all(&golden[split..]).unwrap();
+            return (head, String::from_utf8(body).unwrap());
+        }
+    });
+    let mut r = Requester::spawn(request(&d, port, "perl-peer-1", &["--lookup-by", "ip", "--agent-port", "7443"]));
+    r.line("Pairing failed");
+    let (rc, text) = r.finish();
+    assert_eq!(rc, 3, "{text}");
+    assert!(text.contains("rejected by operator") && text.contains("a9f0c76e18e3ce82"), "{text}");
+    let (head, body) = server.join().unwrap();
+    assert!(head.starts_with("POST /pair HTTP/1.0\r\n"), "{head}");
+    assert!(head.contains("Content-Type: application/json\r\n"), "{head}");
+    let o = json(&body);
+    let mut keys: Vec<&String> = o.keys().collect();
+    keys.sort();
+    assert_eq!(keys, ["csr", "hostname", "ip", "lookup_by", "nonce", "port"]);
+    assert_eq!(jstr(&o, "nonce").len(), 32);
+    assert_eq!(jstr(&o, "port"), "7443");
+    assert!(jstr(&o, "csr").starts_with("-----BEGIN CERTIFICATE REQUEST-----\n"));
+    assert!(!d.path().join("perl-peer-1/agent.key").exists(), "nothing stored on denial");
+}
