@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
