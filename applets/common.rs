@@ -74,3 +74,16 @@ pub fn peer_ip(addr: &SocketAddr) -> IpAddr {
         v4 => v4,
     }
 }
+
+/// Start `cmd` in a session of its own, so that it outlives the operator's
+/// terminal and this process (background pairing sessions and requests).
+pub fn new_session(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setsid is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+}

@@ -139,14 +139,21 @@ fn check(a: &RequestPairing, conf: &Path) -> Result<Checked, Fail> {
     Ok(Checked { plan, name, key_type, wait })
 }
 
-/// `request-pairing`.
-pub fn request_pairing(a: RequestPairing) -> AppResult {
-    let conf = PathBuf::from(a.config.as_deref().unwrap_or(ctrl_exec::config::AGENT_CONF));
+/// The agent.conf path, with the audit trail started as that file says
+/// (syslog when it does not exist yet).
+fn start(config: &Option<String>, log_stderr: bool) -> PathBuf {
+    let conf = PathBuf::from(config.as_deref().unwrap_or(ctrl_exec::config::AGENT_CONF));
     let log = match ctrl_exec::config::AgentConfig::load(&conf) {
         Ok(c) => c.log,
         Err(_) => ctrl_exec::config::LogTarget::Syslog("/dev/log".into()),
     };
-    common::init_audit("ctrl-exec-agent", &log, a.log_stderr);
+    common::init_audit("ctrl-exec-agent", &log, log_stderr);
+    conf
+}
+
+/// `request-pairing`.
+pub fn request_pairing(a: RequestPairing) -> AppResult {
+    let conf = start(&a.config, a.log_stderr);
     if a.offline {
         if a.dispatcher.is_some() || a.background {
             return Err(Fail::usage("--offline does not go with --dispatcher or --background"));
@@ -293,12 +300,7 @@ pub struct InstallReply {
 
 /// `install-reply`.
 pub fn install_reply(a: InstallReply) -> AppResult {
-    let conf = PathBuf::from(a.config.as_deref().unwrap_or(ctrl_exec::config::AGENT_CONF));
-    let log = match ctrl_exec::config::AgentConfig::load(&conf) {
-        Ok(c) => c.log,
-        Err(_) => ctrl_exec::config::LogTarget::Syslog("/dev/log".into()),
-    };
-    common::init_audit("ctrl-exec-agent", &log, a.log_stderr);
+    let conf = start(&a.config, a.log_stderr);
     if let Some(s) = &a.state_dir
         && !Path::new(s).is_absolute()
     {
@@ -383,13 +385,7 @@ fn background_parent(_conf: &Path) -> AppResult {
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
-    // SAFETY: setsid is async-signal-safe; the copy must outlive our session.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
+    common::new_session(&mut cmd);
     let mut child = cmd.spawn().map_err(|e| Fail::new(format!("cannot start the background request: {e}")))?;
     let mut line = String::new();
     if let Some(out) = child.stdout.take() {

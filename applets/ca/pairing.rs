@@ -474,14 +474,7 @@ fn start(cfg: &DispatcherConfig, port: u16, timeout: u64, log_stderr: bool) -> A
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
-    // SAFETY: setsid is async-signal-safe; the child gets its own session so
-    // the operator's terminal closing does not end it.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
+    common::new_session(&mut cmd);
     let mut child = cmd.spawn().map_err(|e| Fail::new(format!("cannot start the background session: {e}")))?;
     let pid = child.id() as i32;
     let t = Instant::now();
