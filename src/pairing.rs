@@ -603,6 +603,20 @@ pub struct ListenerCfg {
     pub poll: Duration,
     /// Deadline for the request to arrive after the handshake.
     pub request_timeout: Duration,
+    /// The registry, to withdraw an approval that could not be delivered.
+    pub registry: Option<Registry>,
+}
+
+/// An approval that never reached its agent: remove the registration it
+/// made (if it is still that approval's), so no agent is listed that has no
+/// certificate.
+fn withdraw(l: &ListenerCfg, agent: &str, id: &str) -> &'static str {
+    let Some(reg) = &l.registry else { return "kept" };
+    let Ok(_lock) = reg.lock() else { return "kept" };
+    match reg.get(agent) {
+        Ok(Some(rec)) if rec.reqid == id && reg.remove(agent).is_ok() => "withdrawn",
+        _ => "kept",
+    }
 }
 
 /// How one pairing connection ended (for the caller's bookkeeping).
@@ -710,8 +724,18 @@ pub async fn serve<C: Conn>(conn: &mut C, source: IpAddr, l: &ListenerCfg) -> Ou
             let approved = matches!(l.queue.answer_of(&id), Some(Answer::Approved(_)));
             drop(hold);
             l.queue.remove(&id);
-            let status = if approved { "gone-after-approval" } else { "gone" };
-            audit::warn("pair-abandoned", &[("AGENT", &agent), ("REQID", &id), ("STATUS", status)]);
+            if approved {
+                let reg = withdraw(l, &agent, &id);
+                let f = [
+                    ("AGENT", agent.as_str()),
+                    ("REQID", &id),
+                    ("STATUS", "gone-after-approval"),
+                    ("REGISTRATION", reg),
+                ];
+                audit::warn("pair-abandoned", &f);
+            } else {
+                audit::warn("pair-abandoned", &[("AGENT", &agent), ("REQID", &id), ("STATUS", "gone")]);
+            }
             return Outcome::Gone;
         }
     };
@@ -719,7 +743,9 @@ pub async fn serve<C: Conn>(conn: &mut C, source: IpAddr, l: &ListenerCfg) -> Ou
     drop(hold);
     l.queue.remove(&id);
     if let Err(e) = sent {
-        audit::warn("pair-abandoned", &[("AGENT", &agent), ("REQID", &id), ("ERROR", &e.to_string())]);
+        let reg = if outcome == Outcome::Approved { withdraw(l, &agent, &id) } else { "kept" };
+        let f = [("AGENT", agent.as_str()), ("REQID", &id), ("ERROR", &e.to_string()), ("REGISTRATION", reg)];
+        audit::warn("pair-abandoned", &f);
         return Outcome::Gone;
     }
     audit::info(

@@ -203,6 +203,16 @@ impl Registry {
         Ok(names)
     }
 
+    /// Delete a record (caller holds the lock); absent is not an error.
+    pub fn remove(&self, name: &str) -> Result<(), RegistryError> {
+        let path = self.file(name)?;
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(FsError::new("remove", &path, e).into()),
+        }
+    }
+
     /// Write a record (caller holds the lock for read-modify-write).
     pub fn put(&self, rec: &AgentRecord) -> Result<(), RegistryError> {
         let path = self.file(&rec.hostname)?;

@@ -573,6 +573,7 @@ fn session(cfg: &DispatcherConfig, port: u16, timeout: u64, interactive: bool, b
             wait: pairing::APPROVAL_WAIT,
             poll: Duration::from_millis(250),
             request_timeout: Duration::from_secs(30),
+            registry: Some(ctrl_exec::registry::Registry::new(&cfg.registry_dir)),
         },
         limit: RefCell::new(
             cfg.pairing.rate_limit.map(|(n, w, b)| RateLimit::new(n, Duration::from_secs(w), Duration::from_secs(b))),
