@@ -133,9 +133,10 @@ pub fn save_state(path: &Path, st: &RotationState) -> Result<(), FsError> {
 }
 
 /// Crash tests: when `CTRL_EXEC_TEST_CRASH_AT` names this point, die at
-/// once as `kill -9` would (no destructors, no buffered output).
+/// once as `kill -9` would (no destructors, no buffered output). Only in
+/// debug builds (the ones the tests run): a release binary ignores it.
 pub fn failpoint(name: &str) {
-    if std::env::var("CTRL_EXEC_TEST_CRASH_AT").is_ok_and(|v| v == name) {
+    if cfg!(debug_assertions) && std::env::var("CTRL_EXEC_TEST_CRASH_AT").is_ok_and(|v| v == name) {
         // SAFETY: ends this process immediately, like a SIGKILL.
         unsafe { libc::_exit(137) }
     }
