@@ -171,7 +171,7 @@ impl PendingFiles {
     /// its key.
     pub fn save(&self, key_pem: &[u8], text: &str) -> Result<(), PairError> {
         crate::fsutil::atomic_write(&self.key, key_pem, 0o600)?;
-        crate::fsutil::atomic_write(&self.request, text.as_bytes(), 0o644)?;
+        crate::fsutil::atomic_write(&self.request, text.as_bytes(), 0o600)?;
         Ok(())
     }
 

@@ -145,12 +145,29 @@ fn offline_round_trip_over_a_console_with_a_lost_line() {
     a.start();
     let o = d.ok(&["run", "edge-9", "hello", "--", "console"]);
     assert!(stdout(&o).contains("hello console"), "{}", stdout(&o));
-    // A reply for another request is refused.
+    // A reply for another request is refused, with or without a pending one.
     let (_, other) = on_console(request_cmd(&d, "edge-10", free_port()));
-    let o = with_stdin(d.cmd(&["sign", "--yes"]), &other);
-    assert!(o.status.success());
-    let o = with_stdin(agent_cmd(&d, "edge-11", &["install-reply"]), &stdout(&o));
+    let o = with_stdin(d.cmd(&["sign", "--yes", "--ip", "127.0.0.1"]), &other);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let reply10 = stdout(&o);
+    let o = with_stdin(agent_cmd(&d, "edge-11", &["install-reply"]), &reply10);
     assert!(!o.status.success() && stderr(&o).contains("no pending pairing request"), "{}", stderr(&o));
+    on_console(request_cmd(&d, "edge-12", free_port()));
+    let o = with_stdin(agent_cmd(&d, "edge-12", &["install-reply"]), &reply10);
+    assert!(!o.status.success() && stderr(&o).contains("answers a different request"), "{}", stderr(&o));
+    assert!(!d.path().join("edge-12/agent.crt").exists());
+    // --force starts over with a new key and code.
+    let (_, first) = on_console(request_cmd(&d, "edge-12", free_port()));
+    let mut c = request_cmd(&d, "edge-12", free_port());
+    c.arg("--force");
+    let (_, fresh) = on_console(c);
+    assert!(fresh.contains("Discarding"), "{fresh}");
+    assert_ne!(block(&first), block(&fresh));
+    // Reached by address but no address given: refused before signing.
+    let o = with_stdin(d.cmd(&["sign", "--yes"]), &fresh);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--ip"), "{}", stderr(&o));
+    assert!(!d.path().join("agents/edge-12.json").exists());
 }
 
 #[test]
@@ -160,7 +177,7 @@ fn the_ca_asks_on_its_terminal_before_signing() {
     for (answer, signed) in [("n", false), ("y", true)] {
         let (mut master, slave) = pty();
         let slave_fd = slave.as_raw_fd();
-        let mut cmd = d.cmd(&["sign"]);
+        let mut cmd = d.cmd(&["sign", "--ip", "127.0.0.1"]);
         // SAFETY: in the child, between fork and exec: a new session whose
         // controlling terminal is the pty (async-signal-safe calls only).
         unsafe {
@@ -192,7 +209,7 @@ fn the_ca_asks_on_its_terminal_before_signing() {
     }
     // Without a terminal and without --yes, nothing is signed.
     let (_, req2) = on_console(request_cmd(&d, "asked-2", free_port()));
-    let mut cmd = d.cmd(&["sign"]);
+    let mut cmd = d.cmd(&["sign", "--ip", "127.0.0.1"]);
     // SAFETY: setsid between fork and exec: no controlling terminal.
     unsafe {
         cmd.pre_exec(|| {

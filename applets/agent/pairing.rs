@@ -60,7 +60,8 @@ pub struct RequestPairing {
     /// foreground: default 660)
     #[argh(option)]
     timeout: Option<u64>,
-    /// pair again although this agent already has an identity (new key)
+    /// pair again although this agent already has an identity (new key);
+    /// with --offline also: discard a pending request and make a new one
     #[argh(switch)]
     force: bool,
     /// directory for run-time state in a new agent.conf (staged
@@ -254,8 +255,22 @@ fn offline_request(a: &RequestPairing, conf: &Path) -> AppResult {
         eprintln!("it shows the same code; then paste its reply into:");
         eprintln!("    ctrl-exec-agent install-reply --config {}", conf.display());
     };
+    if a.state_dir.is_some() || a.timeout.is_some() {
+        return Err(Fail::usage(
+            "--state-dir and --timeout do not apply to --offline (give --state-dir to install-reply)",
+        ));
+    }
+    match pending.load() {
+        Some(_) if a.force => {
+            eprintln!("Discarding the earlier request (--force): its reply can no longer be installed.");
+            pending.clear();
+        }
+        _ => {}
+    }
     if let Some((_, req)) = pending.load() {
-        eprintln!("This agent's earlier request is still waiting for its reply; here it is again.");
+        eprintln!(
+            "This agent's earlier request is still waiting for its reply; here it is again (--force starts over)."
+        );
         print!("{}", offline::render_request(&req));
         tail(&req.code());
         return Ok(EXIT_OK);

@@ -165,25 +165,53 @@ pub fn sign(a: Sign) -> AppResult {
         .map_err(|e| Fail::new(format!("cannot read the request from stdin: {e}")))?;
     let req = offline::parse_request(&text)?;
     let store = offline::reply_store(&cfg.pairing.dir, &req);
-    if let Ok(reply) = std::fs::read_to_string(&store) {
+    let again = |reply: String| {
         eprintln!("This request was signed before; here is the same reply again (no new certificate).");
+        if !registered(&cfg, &req.hostname) {
+            eprintln!(
+                "Note: '{}' is no longer registered (unpaired?) and was not registered again: make a new request on the agent (request-pairing --offline --force).",
+                req.hostname
+            );
+        }
         print!("{reply}");
-        return Ok(EXIT_OK);
+        Ok(EXIT_OK)
+    };
+    if let Ok(reply) = std::fs::read_to_string(&store) {
+        return again(reply);
     }
-    let about = format!(
+    let ip = o.ip.clone().or(req.ip.clone()).unwrap_or_default();
+    let lookup = o.lookup_by.as_deref().or(req.lookup_by.as_deref()).unwrap_or("hostname");
+    if lookup == "ip" && ip.is_empty() {
+        return Err(Fail::usage(format!(
+            "'{}' asks to be reached by address, but an offline request carries none: pass --ip <its address> (or --lookup-by hostname)",
+            req.hostname
+        )));
+    }
+    let mut about = format!(
         "Offline pairing request:\n  Agent: {}\n  Code:  {}\n  Port:  {}\n  Addr:  {}\n",
         req.hostname,
         req.code(),
         o.port.or(req.port).unwrap_or(ctrl_exec::registry::DEFAULT_PORT),
-        o.ip.as_deref().or(req.ip.as_deref()).unwrap_or("(by name)")
+        if lookup == "ip" { ip.as_str() } else { "(by name)" }
     );
+    let replaces = registered(&cfg, &req.hostname);
+    if replaces {
+        about.push_str(&format!(
+            "  NOTE:  '{}' is already registered; signing replaces that registration\n",
+            req.hostname
+        ));
+    }
     if a.yes {
         eprint!("{about}");
     } else if !confirm(&format!("{about}Sign it? Only if the agent's console shows code {}. [y/N] ", req.code()))? {
         eprintln!("Not signed; nothing changed.");
         return Ok(EXIT_FAIL);
     }
-    let ip = o.ip.clone().or(req.ip.clone()).unwrap_or_default();
+    // One signer at a time; whoever comes second prints the first's reply.
+    let _lock = answer_lock(&cfg)?;
+    if let Ok(reply) = std::fs::read_to_string(&store) {
+        return again(reply);
+    }
     let reqid = ctrl_exec::wire::new_reqid();
     let signed = pairing::sign_and_register(&cfg, &reqid, &req, &ip, &o)?;
     let reply = offline::render_reply(&req.hostname, &signed.approval);
@@ -195,6 +223,9 @@ pub fn sign(a: Sign) -> AppResult {
         "pair-approve",
         &[("AGENT", &req.hostname), ("REQID", &reqid), ("SERIAL", &signed.serial), ("MODE", "offline")],
     );
+    if replaces {
+        eprintln!("This replaced the earlier registration of '{}' (its tags were kept).", req.hostname);
+    }
     eprintln!(
         "Signed and registered '{}' (certificate serial {}). Paste this reply into 'ctrl-exec-agent install-reply':",
         req.hostname, signed.serial
