@@ -44,10 +44,25 @@ fn checksum(lines: &[&str]) -> String {
     crate::wire::hex(&openssl::sha::sha256(lines.join("\n").as_bytes()))
 }
 
-/// Wrap `lines` (each already at most [`WIDTH`] characters).
+/// Wrap `lines`. A line longer than [`WIDTH`] (a very long name) is
+/// folded: every piece but the last ends with `\`, which neither names
+/// nor base64 nor PEM ever contain.
 pub fn wrap(kind: &str, lines: &[String]) -> String {
-    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
-    format!("{}\n{}\nSha256: {}\n{}\n", begin(kind), lines.join("\n"), checksum(&refs), end(kind))
+    let mut out: Vec<String> = Vec::new();
+    for l in lines {
+        let chars: Vec<char> = l.chars().collect();
+        if chars.len() <= WIDTH {
+            out.push(l.clone());
+            continue;
+        }
+        let pieces: Vec<String> = chars.chunks(WIDTH - 1).map(|c| c.iter().collect()).collect();
+        let last = pieces.len() - 1;
+        for (i, p) in pieces.into_iter().enumerate() {
+            out.push(if i < last { format!("{p}\\") } else { p });
+        }
+    }
+    let refs: Vec<&str> = out.iter().map(String::as_str).collect();
+    format!("{}\n{}\nSha256: {}\n{}\n", begin(kind), out.join("\n"), checksum(&refs), end(kind))
 }
 
 /// `data` as base64 lines of [`WIDTH`] characters.
@@ -56,9 +71,10 @@ pub fn base64_lines(data: &[u8]) -> Vec<String> {
     b64.as_bytes().chunks(WIDTH).map(|c| String::from_utf8_lossy(c).into_owned()).collect()
 }
 
-/// The checked body lines (trimmed, blanks dropped) of the first `kind`
-/// block in `text`. `what` names the block in messages ("bundle", ...).
-pub fn unwrap<'t>(kind: &str, what: &str, text: &'t str) -> Result<Vec<&'t str>, ArmorError> {
+/// The checked body lines (trimmed, blanks dropped, folded lines joined)
+/// of the first `kind` block in `text`. `what` names the block in
+/// messages ("bundle", ...).
+pub fn unwrap(kind: &str, what: &str, text: &str) -> Result<Vec<String>, ArmorError> {
     let (b, e) = (begin(kind), end(kind));
     let mut lines = text.lines().map(|l| l.trim());
     if !lines.by_ref().any(|l| l.ends_with(&b)) {
@@ -86,7 +102,20 @@ pub fn unwrap<'t>(kind: &str, what: &str, text: &'t str) -> Result<Vec<&'t str>,
             "the {what} is damaged (checksum mismatch: a line was lost or changed in transit); send it again; nothing was done"
         )));
     }
-    Ok(body)
+    let mut joined: Vec<String> = Vec::new();
+    let mut open = false;
+    for l in body {
+        let (piece, more) = match l.strip_suffix('\\') {
+            Some(p) => (p, true),
+            None => (l, false),
+        };
+        match joined.last_mut() {
+            Some(last) if open => last.push_str(piece),
+            _ => joined.push(piece.to_string()),
+        }
+        open = more;
+    }
+    Ok(joined)
 }
 
 #[cfg(test)]
@@ -100,6 +129,15 @@ mod tests {
         let noisy = format!("login: root\r\n# {}", text.replace('\n', "  \r\n\r\n"));
         assert_eq!(unwrap("THING", "thing", &noisy).unwrap(), vec!["Version: 1", "Name: a"]);
         assert!(text.lines().all(|l| l.len() <= WIDTH));
+    }
+
+    #[test]
+    fn long_lines_are_folded_and_joined() {
+        let long = format!("Name: {}", "a".repeat(200));
+        let lines = vec!["Version: 1".to_string(), long.clone(), "x".to_string()];
+        let text = wrap("THING", &lines);
+        assert!(text.lines().all(|l| l.len() <= WIDTH), "{text}");
+        assert_eq!(unwrap("THING", "thing", &text).unwrap(), lines);
     }
 
     #[test]

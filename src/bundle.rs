@@ -91,7 +91,8 @@ impl Bundle {
     /// Parse the text form (surrounding noise allowed).
     pub fn parse(text: &str) -> Result<Bundle, BundleError> {
         let e = |m: &str| BundleError(m.to_string());
-        let body = crate::armor::unwrap(KIND, "bundle", text).map_err(|x| BundleError(x.0))?;
+        let owned = crate::armor::unwrap(KIND, "bundle", text).map_err(|x| BundleError(x.0))?;
+        let body: Vec<&str> = owned.iter().map(String::as_str).collect();
         let mut name = None;
         let mut port = None;
         let mut bind = "0.0.0.0".to_string();

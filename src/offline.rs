@@ -74,7 +74,8 @@ pub fn render_request(r: &PairRequest) -> String {
 
 /// Read a request; the code it states must match its CSR.
 pub fn parse_request(text: &str) -> Result<PairRequest, PairError> {
-    let lines = armor::unwrap(REQUEST, "pairing request", text).map_err(|e| PairError(e.0))?;
+    let owned = armor::unwrap(REQUEST, "pairing request", text).map_err(|e| PairError(e.0))?;
+    let lines: Vec<&str> = owned.iter().map(String::as_str).collect();
     if field(&lines, "Version") != Some("1") {
         return Err(PairError("pairing request version not supported by this ctrl-exec; upgrade it".into()));
     }
@@ -125,7 +126,8 @@ pub fn render_reply(name: &str, a: &Approval) -> String {
 
 /// Read a reply: the agent name and the approval.
 pub fn parse_reply(text: &str) -> Result<(String, Approval), PairError> {
-    let lines = armor::unwrap(REPLY, "pairing reply", text).map_err(|e| PairError(e.0))?;
+    let owned = armor::unwrap(REPLY, "pairing reply", text).map_err(|e| PairError(e.0))?;
+    let lines: Vec<&str> = owned.iter().map(String::as_str).collect();
     if field(&lines, "Version") != Some("1") {
         return Err(PairError("pairing reply version not supported by this ctrl-exec; upgrade it".into()));
     }
