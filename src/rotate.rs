@@ -18,7 +18,7 @@
 //! is raised on the agent itself when the listener asked for it
 //! ([`reload_by_signal`]), which runs the ordinary reload at once.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crate::audit;
 use crate::hook::{self, Decision, NoHook};
@@ -27,11 +27,11 @@ use crate::server::{AgentState, Peer, Reply, gate};
 use crate::trust::TrustedMap;
 use crate::wire::{Obj, canonical_serial, get_str, parse_object};
 
-static GENERATION: AtomicU64 = AtomicU64::new(0);
+static GENERATION: AtomicUsize = AtomicUsize::new(0);
 static SIGNAL: AtomicBool = AtomicBool::new(false);
 
 /// Moves on every time `/rotate-serial` changed the trusted map on disk.
-pub fn reload_generation() -> u64 {
+pub fn reload_generation() -> usize {
     GENERATION.load(Ordering::SeqCst)
 }
 
