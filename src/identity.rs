@@ -188,6 +188,23 @@ fn make(cfg: &DispatcherConfig, cert: &Path, key: &Path, persistent: bool) -> Re
 /// one. `persistent` keeps TLS sessions on disk (one-shot CLI) rather than
 /// in memory (a long-running server).
 pub fn load(cfg: &DispatcherConfig, persistent: bool) -> Result<Identities, TlsError> {
+    // A rotation commits rotation.json first and installs the new pair
+    // after it. Read with no state but after the install, the new pair would
+    // look like the only identity and go to agents that do not trust it yet.
+    // So the state is read on both sides of the certificates: if it changed
+    // in between, a rotation slipped in, and the load starts again.
+    let mut attempt = 0;
+    loop {
+        let before = std::fs::read(&cfg.rotation_file).ok();
+        let ids = load_once(cfg, persistent)?;
+        attempt += 1;
+        if std::fs::read(&cfg.rotation_file).ok() == before || attempt >= 5 {
+            return Ok(ids);
+        }
+    }
+}
+
+fn load_once(cfg: &DispatcherConfig, persistent: bool) -> Result<Identities, TlsError> {
     let stamp = Stamp::of(cfg);
     let state = crate::rotation::load_state(&cfg.rotation_file);
     let (cert, key) = repair(cfg, state.as_ref().map(|s| s.current_serial.as_str()))
