@@ -490,24 +490,30 @@ async fn discovery(app: &App, method: &str, caller: &Caller) -> Result<Reply, Re
         Some(h) => h,
         None => app.engine.registry().names().map_err(|e| error(500, "internal error", &e.to_string()))?,
     };
+    let mut by_host = Object::new();
+    for r in capabilities(app, caller, &hosts).await? {
+        let name = get_str(&r, "host").unwrap_or_default();
+        by_host.insert(name, Value::Object(r));
+    }
+    Ok(reply(200, Obj::new().b("ok", true).v("hosts", Value::Object(by_host))))
+}
+
+/// `/capabilities` of `hosts`, after the hook check both discovery documents
+/// pass (action `ping` with those hosts).
+async fn capabilities(app: &App, caller: &Caller, hosts: &[String]) -> Result<Vec<Object>, Reply> {
     app.authorize(&hook::Context {
         action: "ping".into(),
-        hosts: hosts.clone(),
+        hosts: hosts.to_vec(),
         username: caller.username(),
         token: caller.token.clone(),
         source_ip: caller.ip.clone(),
         ..Default::default()
     })
     .await?;
-    let targets = app.resolve(&hosts)?;
-    let mut by_host = Object::new();
-    app.engine
-        .capabilities(&targets, |r| {
-            let name = get_str(&r, "host").unwrap_or_default();
-            by_host.insert(name, Value::Object(r));
-        })
-        .await;
-    Ok(reply(200, Obj::new().b("ok", true).v("hosts", Value::Object(by_host))))
+    let targets = app.resolve(hosts)?;
+    let mut caps = Vec::new();
+    app.engine.capabilities(&targets, |r| caps.push(r)).await;
+    Ok(caps)
 }
 
 /// `GET /openapi-live.json`: the static document with the fleet's hosts and
@@ -516,18 +522,7 @@ async fn discovery(app: &App, method: &str, caller: &Caller) -> Result<Reply, Re
 /// `GET /discovery`, so it passes the same hook check (action `ping`, all hosts).
 async fn live_spec(app: &App, caller: &Caller) -> Result<Reply, Reply> {
     let names = app.engine.registry().names().map_err(|e| error(500, "internal error", &e.to_string()))?;
-    app.authorize(&hook::Context {
-        action: "ping".into(),
-        hosts: names.clone(),
-        username: caller.username(),
-        token: caller.token.clone(),
-        source_ip: caller.ip.clone(),
-        ..Default::default()
-    })
-    .await?;
-    let targets = app.resolve(&names)?;
-    let mut caps = Vec::new();
-    app.engine.capabilities(&targets, |r| caps.push(r)).await;
+    let caps = capabilities(app, caller, &names).await?;
     let now = u64::try_from(ctrl_exec::time::unix_now()).unwrap_or(0);
     ctrl_exec::openapi::live(OPENAPI, &names, &caps, now)
         .map(|doc| (200, doc))

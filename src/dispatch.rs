@@ -185,6 +185,35 @@ fn status_result(t: &Target, took: Duration, r: Result<Response, CallError>) -> 
     }
 }
 
+/// Log the `dispatch` line of a run (sync or detached) and build the `/run`
+/// body every agent gets; returns the arguments as JSON (for the per-host
+/// lines) and the body.
+fn dispatch_start(targets: &[Target], req: &RunRequest, detached: bool) -> (String, String) {
+    let args_json = json::to_string(&str_array(&req.args));
+    let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
+    audit::info(
+        "dispatch",
+        &[
+            ("SCRIPT", &req.script),
+            ("HOSTS", &names.join(",")),
+            ("REQID", &req.reqid),
+            ("MODE", if detached { "async" } else { "sync" }),
+            ("USER", user_or_none(&req.username)),
+            ("ARGS", &args_json),
+        ],
+    );
+    let mut body = Obj::new()
+        .s("script", &req.script)
+        .v("args", str_array(&req.args))
+        .s("reqid", &req.reqid)
+        .s("username", &req.username)
+        .s("token", &req.token);
+    if detached {
+        body = body.b("async", true);
+    }
+    (args_json, body.to_json())
+}
+
 fn user_or_none(u: &str) -> &str {
     if u.is_empty() { "(none)" } else { u }
 }
@@ -300,27 +329,8 @@ impl Engine {
 
     /// Run a script on every target; `done` gets each result as it completes.
     pub async fn run(&self, targets: &[Target], req: &RunRequest, mut done: impl FnMut(Object)) {
-        let args_json = json::to_string(&str_array(&req.args));
+        let (args_json, body) = dispatch_start(targets, req, false);
         let user = user_or_none(&req.username);
-        let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
-        audit::info(
-            "dispatch",
-            &[
-                ("SCRIPT", &req.script),
-                ("HOSTS", &names.join(",")),
-                ("REQID", &req.reqid),
-                ("MODE", "sync"),
-                ("USER", user),
-                ("ARGS", &args_json),
-            ],
-        );
-        let body = Obj::new()
-            .s("script", &req.script)
-            .v("args", str_array(&req.args))
-            .s("reqid", &req.reqid)
-            .s("username", &req.username)
-            .s("token", &req.token)
-            .to_json();
         self.fan(targets, "POST", "/run", Some(&body), |t, took, r| {
             let res = run_result(t, &req.script, &req.reqid, took, r);
             let (target, rt) = (t.display(), rtt(took));
@@ -412,28 +422,7 @@ impl Engine {
     /// Submit a detached run to every target (`"async": true`); `done` gets
     /// `{host, script, status: accepted|busy|error, error?, reqid, rtt}`.
     pub async fn submit(&self, targets: &[Target], req: &RunRequest, mut done: impl FnMut(Object)) {
-        let args_json = json::to_string(&str_array(&req.args));
-        let user = user_or_none(&req.username);
-        let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
-        audit::info(
-            "dispatch",
-            &[
-                ("SCRIPT", &req.script),
-                ("HOSTS", &names.join(",")),
-                ("REQID", &req.reqid),
-                ("MODE", "async"),
-                ("USER", user),
-                ("ARGS", &args_json),
-            ],
-        );
-        let body = Obj::new()
-            .s("script", &req.script)
-            .v("args", str_array(&req.args))
-            .s("reqid", &req.reqid)
-            .s("username", &req.username)
-            .s("token", &req.token)
-            .b("async", true)
-            .to_json();
+        let (_, body) = dispatch_start(targets, req, true);
         self.fan(targets, "POST", "/run", Some(&body), |t, took, r| {
             let base =
                 Obj::new().s("host", &t.name).s("script", &req.script).s("reqid", &req.reqid).s("rtt", rtt(took));
