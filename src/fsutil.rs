@@ -114,6 +114,36 @@ fn write_file(path: &Path, data: &[u8], mode: u32, owner: Option<(u32, u32)>, sy
     Ok(())
 }
 
+/// Remove the temporary files that writers killed mid-write left in `dir`
+/// (`.<name>.tmp-<pid>-<hex>`, see [`atomic_write`]) when that process is
+/// gone. The real files were never touched by them. Returns how many went.
+pub fn sweep_temp(dir: &Path) -> usize {
+    let mut n = 0;
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(temp_writer) else { continue };
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        let gone = pid != std::process::id()
+            && unsafe { libc::kill(pid as libc::pid_t, 0) } == -1
+            && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone && fs::remove_file(e.path()).is_ok() {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// The writer's pid if `name` is one of our temporary files.
+fn temp_writer(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix('.')?;
+    let (_, tail) = rest.rsplit_once(".tmp-")?;
+    let (pid, hex) = tail.split_once('-')?;
+    if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    pid.parse().ok().filter(|&p| p > 0)
+}
+
 /// Create a directory and its parents with `mode` for the ones created.
 pub fn ensure_dir(path: &Path, mode: u32) -> Result<(), FsError> {
     use std::os::unix::fs::DirBuilderExt;
@@ -233,6 +263,32 @@ mod tests {
         let p = d.path().join("nope/x");
         let e = atomic_write(&p, b"x", 0o600).unwrap_err();
         assert!(e.to_string().contains("nope/x"), "{e}");
+    }
+
+    #[test]
+    fn sweep_removes_only_temp_files_of_dead_writers() {
+        let d = tempfile::tempdir().unwrap();
+        // A child that has exited and been reaped: its pid is free.
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        let dead = c.id();
+        c.wait().unwrap();
+        let mine = std::process::id();
+        let names = [
+            format!(".agent.crt.tmp-{dead}-0a1b2c"),
+            format!(".agent.crt.tmp-{mine}-0a1b2c"),
+            format!("agent.crt.tmp-{dead}-0a1b2c"),
+            format!(".agent.crt.tmp-{dead}-notahex"),
+            "agent.crt".to_string(),
+        ];
+        for n in &names {
+            fs::write(d.path().join(n), "x").unwrap();
+        }
+        assert_eq!(sweep_temp(d.path()), 1);
+        assert!(!d.path().join(&names[0]).exists());
+        assert!(names[1..].iter().all(|n| d.path().join(n).exists()));
+        assert_eq!(temp_writer(".a.json.tmp-42-ff"), Some(42));
+        assert_eq!(temp_writer(".a.json.tmp-0-ff"), None);
+        assert_eq!(sweep_temp(&d.path().join("missing")), 0);
     }
 
     #[test]

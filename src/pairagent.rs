@@ -63,6 +63,8 @@ impl Plan {
             }
         }
         for d in dirs {
+            // What an earlier run killed mid-install left behind.
+            crate::fsutil::sweep_temp(d);
             if let Err(why) = crate::fsutil::check_writable_dir(d) {
                 return Err(PairError(format!(
                     "cannot write the agent's identity: {why}\nRe-run as root or with sudo, or pass --config <dir>/agent.conf for a directory you can write."

@@ -403,6 +403,7 @@ impl Queue {
     /// Drop requests nobody can deliver to: no listener holds them, or they
     /// are older than [`STALE_SECS`]. Returns how many went.
     pub fn expire(&self) -> usize {
+        fsutil::sweep_temp(&self.dir);
         let now = crate::time::unix_now();
         let mut n = 0;
         for p in self.list() {
@@ -439,11 +440,22 @@ impl Queue {
         std::fs::read_to_string(self.file(id, "denied").ok()?).ok().map(Answer::Denied)
     }
 
-    /// Forget a request and its answer.
+    /// Forget a request and its answer, with any temporary file a killed
+    /// writer left for it (`.<id>.approved.tmp-…`): once the request is
+    /// gone, a late rename would only fail, which the writer reports.
     pub fn remove(&self, id: &str) {
         for ext in ["json", "approved", "denied"] {
             if let Ok(p) = self.file(id, ext) {
                 let _ = std::fs::remove_file(p);
+            }
+        }
+        if !valid_reqid(id) {
+            return;
+        }
+        let prefix = format!(".{id}.");
+        for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            if e.file_name().to_str().is_some_and(|n| n.starts_with(&prefix) && n.contains(".tmp")) {
+                let _ = std::fs::remove_file(e.path());
             }
         }
     }
@@ -850,5 +862,21 @@ mod tests {
         assert_eq!(q.expire(), 1);
         assert!(q.get(&p.id).unwrap().is_none());
         assert!(q.get("../x").is_err());
+    }
+
+    #[test]
+    fn removing_a_request_sweeps_what_a_killed_writer_left() {
+        let d = tempfile::tempdir().unwrap();
+        let q = Queue::new(d.path());
+        let p = Pending::parse(r#"{"id":"00000000000000b2","hostname":"h","csr":"c","source_ip":"10.0.0.1"}"#).unwrap();
+        let _hold = q.enqueue(&p).unwrap();
+        let left = d.path().join(".00000000000000b2.approved.tmp-123-abcdef");
+        let other = d.path().join(".00000000000000c3.approved.tmp-123-abcdef");
+        std::fs::write(&left, "{").unwrap();
+        std::fs::write(&other, "{").unwrap();
+        q.remove(&p.id);
+        assert!(!left.exists(), "this request's temp file goes with it");
+        assert!(other.exists(), "another request's temp file stays");
+        assert!(q.get(&p.id).unwrap().is_none());
     }
 }
