@@ -367,6 +367,43 @@ enum Event {
     Signal(Option<std::io::Result<Signal>>),
 }
 
+/// What the listener and its connections share.
+struct Shared {
+    current: RefCell<Snapshot>,
+    a: Serve,
+    /// What only a restart changes: compared with every reload, not with the previous one.
+    started: (u16, String, ctrl_exec::config::LogTarget),
+    seen_generation: Cell<usize>,
+    /// Connections with a request in progress (`max_children`).
+    live: Rc<Cell<usize>>,
+    /// Connections kept open, waiting for their next request.
+    idle: Rc<Cell<usize>>,
+    /// SIGTERM came: no connection is kept any more.
+    stopping: Cell<bool>,
+}
+
+impl Shared {
+    /// The state and TLS context for the next connection or request: picks
+    /// up a trusted-map change made by `/rotate-serial` (likely on the same
+    /// dispatcher's next request) and renews the ticket keys when due.
+    fn fresh(&self) -> (Rc<AgentState>, Rc<SslContext>) {
+        let generation = ctrl_exec::rotate::reload_generation();
+        if generation != self.seen_generation.get() {
+            self.seen_generation.set(generation);
+            reload(&self.current, &self.a, &self.started, self.live.get());
+        }
+        let renew = {
+            let c = self.current.borrow();
+            c.tls_since.elapsed() >= c.state.config.tls_ticket_lifetime
+        };
+        if renew {
+            self.current.borrow_mut().renew_tickets();
+        }
+        let c = self.current.borrow();
+        (c.state.clone(), c.tls.clone())
+    }
+}
+
 async fn accept_loop(
     ex: &LocalExecutor<'_>,
     listener: Async<TcpListener>,
@@ -374,12 +411,18 @@ async fn accept_loop(
     snap: Snapshot,
     a: Serve,
 ) {
-    // What only a restart changes: compared with every reload, not with the previous one.
     let started = (snap.state.config.port, snap.state.config.bind.clone(), snap.state.config.log.clone());
-    let current = RefCell::new(snap);
-    let live = Rc::new(Cell::new(0usize));
+    let shared = Rc::new(Shared {
+        current: RefCell::new(snap),
+        a,
+        started,
+        seen_generation: Cell::new(ctrl_exec::rotate::reload_generation()),
+        live: Rc::new(Cell::new(0usize)),
+        idle: Rc::new(Cell::new(0usize)),
+        stopping: Cell::new(false),
+    });
+    let live = shared.live.clone();
     let rejecting = Rc::new(Cell::new(0usize));
-    let mut seen_generation = ctrl_exec::rotate::reload_generation();
     ctrl_exec::rotate::reload_by_signal();
     loop {
         let ev = smol::future::or(async { Event::Conn(listener.accept().await) }, async {
@@ -388,24 +431,7 @@ async fn accept_loop(
         .await;
         match ev {
             Event::Conn(Ok((tcp, addr))) => {
-                // A /rotate-serial changed the trusted map: this connection
-                // (likely the same dispatcher's next one) must see it.
-                let generation = ctrl_exec::rotate::reload_generation();
-                if generation != seen_generation {
-                    seen_generation = generation;
-                    reload(&current, &a, &started, live.get());
-                }
-                let renew = {
-                    let c = current.borrow();
-                    c.tls_since.elapsed() >= c.state.config.tls_ticket_lifetime
-                };
-                if renew {
-                    current.borrow_mut().renew_tickets();
-                }
-                let (state, tls) = {
-                    let c = current.borrow();
-                    (c.state.clone(), c.tls.clone())
-                };
+                let (state, tls) = shared.fresh();
                 if live.get() >= state.config.max_children {
                     // Answer 503 when we can afford the handshake; beyond that, just close.
                     if rejecting.get() < 32 {
@@ -422,7 +448,8 @@ async fn accept_loop(
                 }
                 live.set(live.get() + 1);
                 let guard = Live(live.clone());
-                ex.spawn(async move { connection(tcp, addr, &tls, &state, guard).await }).detach();
+                let shared = shared.clone();
+                ex.spawn(async move { connection(tcp, addr, &tls, state, &shared, guard).await }).detach();
             }
             Event::Conn(Err(e)) => {
                 // Out of descriptors or an aborted connection: wait and go on.
@@ -430,14 +457,15 @@ async fn accept_loop(
                 Timer::after(Duration::from_millis(100)).await;
             }
             Event::Signal(Some(Ok(Signal::Hup))) => {
-                seen_generation = ctrl_exec::rotate::reload_generation();
-                reload(&current, &a, &started, live.get());
+                shared.seen_generation.set(ctrl_exec::rotate::reload_generation());
+                reload(&shared.current, &shared.a, &shared.started, live.get());
             }
             Event::Signal(_) => break,
         }
     }
     drop(listener);
-    let grace = current.borrow().state.config.shutdown_grace;
+    shared.stopping.set(true);
+    let grace = shared.current.borrow().state.config.shutdown_grace;
     audit::info("stop", &[("LIVE", &live.get().to_string()), ("GRACE", &grace.as_secs().to_string())]);
     let deadline = Instant::now() + grace;
     while live.get() > 0 && Instant::now() < deadline {
@@ -497,17 +525,68 @@ async fn handshake(tcp: Async<TcpStream>, addr: &SocketAddr, tls: &SslContext, l
     }
 }
 
+/// Most requests one kept connection carries before the agent closes it.
+const KEPT_REQUESTS: u32 = 1000;
+
 /// One connection; `live` is released once the reply is written (the
 /// lingering close after it does not hold one of the `max_children` slots).
-async fn connection(tcp: Async<TcpStream>, addr: SocketAddr, tls: &SslContext, state: &AgentState, live: Live) {
+///
+/// A dispatcher that asks for it (our API server) may send further requests
+/// on the same connection: the agent waits up to `keep_alive` for each one,
+/// takes a `max_children` slot again when it arrives (503 and close when
+/// none is free), and checks it against the state of that moment. A kept
+/// connection ends after [`KEPT_REQUESTS`] requests, once it is older than
+/// `tls_ticket_lifetime` (the bound on any resumed authentication), on
+/// SIGTERM, and when `max_children` connections are already waiting.
+async fn connection(
+    tcp: Async<TcpStream>,
+    addr: SocketAddr,
+    tls: &SslContext,
+    state: Rc<AgentState>,
+    shared: &Shared,
+    live: Live,
+) {
+    let born = Instant::now();
     // One deadline covers the handshake and the request together.
-    let deadline = Instant::now() + state.config.request_timeout;
+    let deadline = born + state.config.request_timeout;
     let Some(mut s) = handshake(tcp, &addr, tls, state.config.request_timeout).await else {
         return;
     };
-    let peer = Peer::new(peer_ip(&addr), s.peer_serial_raw(), s.resumed());
-    server::handle(&mut s, &peer, state, deadline).await;
+    let mut peer = Peer::new(peer_ip(&addr), s.peer_serial_raw(), s.resumed());
+    let may_keep = |state: &AgentState, n: u32| {
+        !state.config.keep_alive.is_zero()
+            && !shared.stopping.get()
+            && n < KEPT_REQUESTS
+            && born.elapsed() < state.config.tls_ticket_lifetime
+            && shared.idle.get() < state.config.max_children
+    };
+    let mut served = server::handle(&mut s, &peer, &state, deadline, may_keep(&state, 1)).await;
     drop(live);
+    let mut n = 1;
+    while served.keep {
+        let wait = state.config.keep_alive;
+        shared.idle.set(shared.idle.get() + 1);
+        let waiting = Live(shared.idle.clone());
+        let arrived = ctrl_exec::time::timeout(wait, s.readable()).await;
+        drop(waiting);
+        if !matches!(arrived, Some(Ok(()))) || shared.stopping.get() {
+            break;
+        }
+        let (state, _) = shared.fresh();
+        if shared.live.get() >= state.config.max_children {
+            audit::warn("overload", &[("PEER", &peer.ip.to_string()), ("LIVE", &shared.live.get().to_string())]);
+            let r = server::busy_reply();
+            let _ = ctrl_exec::http::write_response(&mut s, r.code, &r.body).await;
+            break;
+        }
+        shared.live.set(shared.live.get() + 1);
+        let live = Live(shared.live.clone());
+        n += 1;
+        peer.kept = true;
+        let deadline = Instant::now() + state.config.request_timeout;
+        served = server::handle(&mut s, &peer, &state, deadline, may_keep(&state, n)).await;
+        drop(live);
+    }
     s.close(Duration::from_millis(500)).await;
 }
 

@@ -13,7 +13,11 @@ FANOUT=${FANOUT:-100}
 
 # The shipping form is a static musl binary; fall back to the host (glibc)
 # build when the musl target or musl-gcc is not installed.
-if rustup target list --installed 2>/dev/null | grep -q x86_64-unknown-linux-musl && command -v musl-gcc >/dev/null; then
+# BENCH_BIN=<path> measures another build instead (e.g. the `profiling`
+# profile, which keeps symbols for perf).
+if [ -n "${BENCH_BIN:-}" ]; then
+    BIN=$(realpath "$BENCH_BIN")
+elif rustup target list --installed 2>/dev/null | grep -q x86_64-unknown-linux-musl && command -v musl-gcc >/dev/null; then
     cargo build --release --quiet --target x86_64-unknown-linux-musl
     BIN="$PWD/target/x86_64-unknown-linux-musl/release/ctrl-exec"
 else
@@ -153,6 +157,10 @@ API_RSS_IDLE=$(rss_kib "$API_PID")
 LOAD_PID=$!
 sleep $(( ${API_SECS:-10} / 2 ))
 API_RSS_LOAD=$(rss_kib "$API_PID")
+# PERF_OUT=<file>: a system-wide profile of 3 s of that load (perf record -a -g).
+if [ -n "${PERF_OUT:-}" ]; then
+    perf record -a -g -o "$PERF_OUT" -- sleep 3 >/dev/null 2>&1 || echo "perf record failed" >&2
+fi
 wait "$LOAD_PID"
 API_LOAD=$(cat "$WORK/load")
 

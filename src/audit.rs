@@ -114,8 +114,9 @@ struct Sink {
 
 impl Sink {
     fn to_stderr(&self, line: &str) {
-        let mut e = std::io::stderr().lock();
-        let _ = writeln!(e, "{}: {}", self.ident, line);
+        // One write per line: stderr is unbuffered, and lines of processes
+        // sharing a log file must not interleave.
+        let _ = std::io::stderr().lock().write_all(format!("{}: {}\n", self.ident, line).as_bytes());
     }
 
     fn to_syslog(&self, path: &PathBuf, sock: &Mutex<Option<UnixDatagram>>, sev: u8, line: &str) -> bool {

@@ -218,7 +218,8 @@ pub async fn connect(
 /// Largest reply we accept (two capped outputs, JSON-escaped, fit easily).
 pub const MAX_RESPONSE: usize = 64 << 20;
 
-/// One request/response over an established stream.
+/// One request/response over an established stream; `keep_alive` asks the
+/// agent to keep the connection open afterwards.
 pub async fn exchange<C: http::Conn>(
     conn: &mut C,
     host_header: &str,
@@ -226,10 +227,11 @@ pub async fn exchange<C: http::Conn>(
     path: &str,
     body: Option<&str>,
     read_timeout: Duration,
+    keep_alive: bool,
 ) -> Result<Response, CallError> {
     let work = async {
         // If the agent refuses early (413) our write may fail: still read its reply.
-        let wrote = http::write_request(conn, method, path, host_header, body).await;
+        let wrote = http::write_request(conn, method, path, host_header, body, keep_alive).await;
         match http::read_response(conn, MAX_RESPONSE).await {
             Ok(r) => Ok(r),
             // TLS 1.3 delivers the agent's verdict on our certificate with the first read.
@@ -241,7 +243,101 @@ pub async fn exchange<C: http::Conn>(
     crate::time::timeout(read_timeout, work).await.unwrap_or(Err(CallError::ReadTimeout(read_timeout.as_secs())))
 }
 
+/// Connections to agents kept open between requests (a long-running
+/// dispatcher: the API server). Our agents keep a connection open when asked
+/// to (`Connection: keep-alive`); upstream's agents answer one request and
+/// close, and are simply never pooled.
+///
+/// A connection is reused only if it has been idle less than [`POOL_IDLE`]
+/// (well inside the agent's own idle timeout, so the agent never closes one
+/// we are about to use), is younger than [`POOL_AGE`], and shows nothing to
+/// read (no close, no stray bytes). A request is never retried on another
+/// connection: a run must not start twice.
+#[derive(Default)]
+pub struct Pool {
+    idle: std::cell::RefCell<std::collections::HashMap<String, Vec<Kept>>>,
+    swept: std::cell::Cell<Option<std::time::Instant>>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").field("idle", &self.len()).finish()
+    }
+}
+
+struct Kept {
+    s: TlsStream,
+    born: std::time::Instant,
+    since: std::time::Instant,
+}
+
+/// Longest a pooled connection waits for its next request.
+pub const POOL_IDLE: Duration = Duration::from_secs(2);
+/// Oldest a pooled connection gets (it is closed after its last use past this).
+pub const POOL_AGE: Duration = Duration::from_secs(60);
+/// Most idle connections kept per agent.
+pub const POOL_PER_AGENT: usize = 8;
+
+impl Kept {
+    fn usable(&self) -> bool {
+        self.since.elapsed() < POOL_IDLE && self.born.elapsed() < POOL_AGE && self.s.quiet()
+    }
+}
+
+impl Pool {
+    /// Idle connections held now.
+    pub fn len(&self) -> usize {
+        self.idle.borrow().values().map(Vec::len).sum()
+    }
+
+    /// Is the pool empty?
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn take(&self, t: &Target) -> Option<Kept> {
+        self.sweep();
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.get_mut(&SessionCache::key(t))?;
+        while let Some(k) = list.pop() {
+            if k.usable() {
+                return Some(k);
+            }
+        }
+        None
+    }
+
+    fn put(&self, t: &Target, s: TlsStream, born: std::time::Instant) {
+        if born.elapsed() >= POOL_AGE {
+            return;
+        }
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.entry(SessionCache::key(t)).or_default();
+        if list.len() < POOL_PER_AGENT {
+            list.push(Kept { s, born, since: std::time::Instant::now() });
+        }
+    }
+
+    /// Drop what can no longer be used, at most once a second, so that
+    /// connections to agents no longer called do not linger.
+    fn sweep(&self) {
+        let now = std::time::Instant::now();
+        if self.swept.get().is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
+            return;
+        }
+        self.swept.set(Some(now));
+        let mut idle = self.idle.borrow_mut();
+        for list in idle.values_mut() {
+            list.retain(Kept::usable);
+        }
+        idle.retain(|_, l| !l.is_empty());
+    }
+}
+
 /// Connect, exchange, close; keep the agent's fresh ticket for next time.
+/// With a `pool`, an idle connection to the agent is used instead when there
+/// is one, and the connection is kept afterwards if the agent agrees.
+#[allow(clippy::too_many_arguments)]
 pub async fn call(
     ctx: &SslContext,
     t: &Target,
@@ -250,7 +346,17 @@ pub async fn call(
     body: Option<&str>,
     timeouts: Timeouts,
     cache: Option<&SessionCache>,
+    pool: Option<&Pool>,
 ) -> Result<Response, CallError> {
+    if let Some(mut k) = pool.and_then(|p| p.take(t)) {
+        let r = exchange(&mut k.s, &t.display(), method, path, body, timeouts.read, true).await;
+        match (&r, pool) {
+            (Ok(resp), Some(p)) if resp.keep_alive => p.put(t, k.s, k.born),
+            _ => k.s.close(Duration::from_millis(0)).await,
+        }
+        return r;
+    }
+    let born = std::time::Instant::now();
     let mut s = match connect(ctx, t, timeouts.connect, cache).await {
         Ok(s) => s,
         Err(e) => {
@@ -260,13 +366,16 @@ pub async fn call(
             return Err(e);
         }
     };
-    let r = exchange(&mut s, &t.display(), method, path, body, timeouts.read).await;
+    let r = exchange(&mut s, &t.display(), method, path, body, timeouts.read, pool.is_some()).await;
     if let (Some(c), Ok(_)) = (cache, &r) {
         match s.resumable_session() {
             Some(der) => c.store(t, &der),
             None => c.forget(t),
         }
     }
-    s.close(Duration::from_millis(0)).await;
+    match (&r, pool) {
+        (Ok(resp), Some(p)) if resp.keep_alive => p.put(t, s, born),
+        _ => s.close(Duration::from_millis(0)).await,
+    }
     r
 }

@@ -322,6 +322,9 @@ pub struct AgentConfig {
     pub request_timeout: Duration,
     /// Time in-flight runs get to finish after SIGTERM.
     pub shutdown_grace: Duration,
+    /// How long a connection a dispatcher asked to keep open may wait for
+    /// its next request (`keep_alive`; zero: one request per connection).
+    pub keep_alive: Duration,
     /// How long resumption tickets are honoured; the ticket keys are renewed
     /// this often, which bounds the age of any resumed authentication.
     pub tls_ticket_lifetime: Duration,
@@ -399,6 +402,7 @@ impl AgentConfig {
             max_output: raw.num(&["max_output"], 1 << 20, 0, 256 << 20)? as usize,
             request_timeout: raw.secs(&["request_timeout"], 30, 1, 3600)?,
             shutdown_grace: raw.secs(&["shutdown_grace"], 30, 0, 86_400)?,
+            keep_alive: raw.secs(&["keep_alive"], 10, 0, 300)?,
             tls_ticket_lifetime: raw.secs(&["tls_ticket_lifetime"], crate::tls::TICKET_LIFETIME_SECS, 1, 86_400)?,
             cert_staging_path: raw.path_or("cert_staging_path", "/var/lib/ctrl-exec-agent/agent.crt.staged"),
             async_runs_dir: raw.path_or("async_runs_dir", "/var/lib/ctrl-exec-agent/runs"),
@@ -444,6 +448,9 @@ pub struct DispatcherConfig {
     pub key_type: KeyType,
     /// Where resumable TLS sessions are kept (`None`: always full handshakes).
     pub tls_session_cache: Option<PathBuf>,
+    /// The API server keeps agent connections open between requests
+    /// (`agent_keep_alive`, default on; agents that do not agree close them).
+    pub agent_keep_alive: bool,
     /// Run store of the API (and of async runs).
     pub runs_dir: PathBuf,
     /// Dispatcher locks (one run of a script per host at a time).
@@ -557,6 +564,7 @@ impl DispatcherConfig {
                 Some((_, e)) if !e.value.is_empty() => Some(raw.resolve(&e.value)),
                 _ => Some(registry_dir.parent().unwrap_or(Path::new("/var/lib/ctrl-exec")).join("tls-sessions")),
             },
+            agent_keep_alive: raw.choice("agent_keep_alive", "on", &["on", "off"])? == "on",
             runs_dir: raw
                 .opt_path("runs_dir")
                 .unwrap_or_else(|| registry_dir.parent().unwrap_or(Path::new("/var/lib/ctrl-exec")).join("runs")),

@@ -281,7 +281,7 @@ impl Engine {
         let ids = self.identities();
         let rec = self.registry().get(&t.name).ok().flatten();
         let id = ids.for_agent(rec.as_ref());
-        client::call(&id.ctx, t, method, path, body, self.timeouts(), id.cache.as_ref()).await
+        client::call(&id.ctx, t, method, path, body, self.timeouts(), id.cache.as_ref(), id.pool.as_ref()).await
     }
 
     async fn fan<R>(
@@ -305,7 +305,7 @@ impl Engine {
                 let rec = reg.get(&t.name).ok().flatten();
                 let id = ids.for_agent(rec.as_ref());
                 let start = Instant::now();
-                let r = client::call(&id.ctx, t, method, path, body, tmo, id.cache.as_ref()).await;
+                let r = client::call(&id.ctx, t, method, path, body, tmo, id.cache.as_ref(), id.pool.as_ref()).await;
                 (t, start.elapsed(), r)
             },
             |(t, took, r)| {

@@ -69,6 +69,17 @@ pub struct Request {
     pub headers: Vec<(String, String)>,
     /// The body (`Content-Length` bytes).
     pub body: Vec<u8>,
+    /// The client asked to keep the connection (`Connection: keep-alive`)
+    /// and sent nothing beyond this request.
+    pub keep_alive: bool,
+}
+
+/// Does a `Connection` header list the `keep-alive` token?
+fn asks_keep_alive(headers: &[(String, String)]) -> bool {
+    headers
+        .iter()
+        .filter(|(k, _)| k == "connection")
+        .any(|(_, v)| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("keep-alive")))
 }
 
 impl Request {
@@ -211,6 +222,8 @@ pub async fn read_request<C: Conn>(c: &mut C, limits: &Limits) -> Result<Request
         return Err(HttpError::Status(413, "request too large"));
     }
     let mut body = buf.split_off(end);
+    // Bytes beyond the body (a pipelining client): answered, then closed.
+    let trailing = body.len() > len;
     body.truncate(len);
     let mut chunk = [0u8; 16 << 10];
     while body.len() < len {
@@ -221,15 +234,22 @@ pub async fn read_request<C: Conn>(c: &mut C, limits: &Limits) -> Result<Request
         }
         body.extend_from_slice(&chunk[..n]);
     }
-    Ok(Request { method, path, headers, body })
+    let keep_alive = !trailing && asks_keep_alive(&headers);
+    Ok(Request { method, path, headers, body, keep_alive })
 }
 
-/// The exact bytes of a response.
+/// The exact bytes of a response (upstream's, byte for byte).
 pub fn response_bytes(code: u16, body: &str) -> Vec<u8> {
+    response_bytes_with(code, body, false)
+}
+
+/// The bytes of a response, saying `Connection: keep-alive` if `keep`.
+fn response_bytes_with(code: u16, body: &str, keep: bool) -> Vec<u8> {
     let mut out = format!(
-        "HTTP/1.0 {code} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        "HTTP/1.0 {code} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{}\r\n",
         phrase(code),
-        body.len()
+        body.len(),
+        if keep { "Connection: keep-alive\r\n" } else { "" }
     )
     .into_bytes();
     out.extend_from_slice(body.as_bytes());
@@ -241,6 +261,11 @@ pub async fn write_response<C: Conn>(c: &mut C, code: u16, body: &str) -> io::Re
     c.write_all(&response_bytes(code, body)).await
 }
 
+/// Write a response that keeps the connection open for another request.
+pub async fn write_response_kept<C: Conn>(c: &mut C, code: u16, body: &str) -> io::Result<()> {
+    c.write_all(&response_bytes_with(code, body, true)).await
+}
+
 /// Write a client request with a JSON body (or none).
 pub async fn write_request<C: Conn>(
     c: &mut C,
@@ -248,10 +273,12 @@ pub async fn write_request<C: Conn>(
     path: &str,
     host: &str,
     body: Option<&str>,
+    keep_alive: bool,
 ) -> io::Result<()> {
     let mut out = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: ctrl-exec/{}\r\nConnection: close\r\n",
-        crate::VERSION
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: ctrl-exec/{}\r\nConnection: {}\r\n",
+        crate::VERSION,
+        if keep_alive { "keep-alive" } else { "close" }
     );
     if let Some(b) = body {
         out.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", b.len()));
@@ -271,6 +298,10 @@ pub struct Response {
     pub code: u16,
     /// Body bytes.
     pub body: Vec<u8>,
+    /// The server said `Connection: keep-alive`, framed the body with
+    /// `Content-Length` and sent nothing more: the connection may carry
+    /// another request.
+    pub keep_alive: bool,
 }
 
 /// Read a response: `Content-Length` bytes if given, else to end of stream.
@@ -296,19 +327,23 @@ pub async fn read_response<C: Conn>(c: &mut C, max_body: usize) -> Result<Respon
     let len = content_length(&headers)
         .map_err(|_| HttpError::Io(io::Error::new(io::ErrorKind::InvalidData, "invalid Content-Length")))?;
     let mut body = buf.split_off(end);
+    let mut trailing = len.is_some_and(|l| body.len() > l);
     let limit = len.unwrap_or(max_body).min(max_body);
     if len.is_some_and(|l| l > max_body) {
         return Err(HttpError::Io(io::Error::new(io::ErrorKind::InvalidData, "response too large")));
     }
     let mut chunk = [0u8; 16 << 10];
     while body.len() < limit {
-        let n = c.read(&mut chunk).await.map_err(HttpError::Io)?;
+        // Never read past the body: what follows belongs to the connection.
+        let want = (limit - body.len()).min(chunk.len());
+        let n = c.read(&mut chunk[..want]).await.map_err(HttpError::Io)?;
         if n == 0 {
             break;
         }
         body.extend_from_slice(&chunk[..n]);
     }
     if let Some(l) = len {
+        trailing |= body.len() > l;
         if body.len() < l {
             return Err(HttpError::Io(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
@@ -317,7 +352,8 @@ pub async fn read_response<C: Conn>(c: &mut C, max_body: usize) -> Result<Respon
         }
         body.truncate(l);
     }
-    Ok(Response { code, body })
+    let keep_alive = len.is_some() && !trailing && asks_keep_alive(&headers);
+    Ok(Response { code, body, keep_alive })
 }
 
 #[cfg(test)]
@@ -371,6 +407,38 @@ mod tests {
             assert_eq!(r.body, body.as_bytes());
             assert_eq!(r.header("content-type"), Some("application/json"));
         }
+    }
+
+    #[test]
+    fn keep_alive_is_asked_by_token_and_lost_to_pipelining() {
+        let ask = |conn: &str, extra: &str| {
+            let raw = format!("POST /run HTTP/1.1\r\n{conn}Content-Length: 2\r\n\r\n{{}}{extra}");
+            read(raw.as_bytes(), 4096).unwrap().keep_alive
+        };
+        assert!(ask("Connection: keep-alive\r\n", ""));
+        assert!(ask("Connection: TE, Keep-Alive\r\n", ""));
+        assert!(!ask("Connection: TE, close\r\n", ""), "upstream's dispatcher");
+        assert!(!ask("", ""));
+        assert!(!ask("Connection: keep-alives\r\n", ""));
+        assert!(!ask("Connection: keep-alive\r\n", "GET / HTTP/1.0\r\n\r\n"), "bytes after the body");
+    }
+
+    #[test]
+    fn a_response_may_keep_its_connection_only_when_framed_and_said() {
+        let resp = |raw: &str| {
+            let mut m = Mem { input: raw.as_bytes().to_vec(), pos: 0, step: 4096, out: vec![] };
+            smol::block_on(read_response(&mut m, 1 << 20)).unwrap()
+        };
+        let r = resp("HTTP/1.0 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\n{}");
+        assert!(r.keep_alive && r.body == b"{}");
+        assert!(!resp("HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}").keep_alive);
+        assert!(!resp("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n\r\n{}").keep_alive, "no length");
+        let extra = resp("HTTP/1.0 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\n{}junk");
+        assert!(!extra.keep_alive && extra.body == b"{}", "bytes beyond the body");
+        // Our replies: upstream's bytes unless keeping, then one more header.
+        assert_eq!(response_bytes(200, "{}"), response_bytes_with(200, "{}", false));
+        let kept = String::from_utf8(response_bytes_with(200, "{}", true)).unwrap();
+        assert!(kept.ends_with("Content-Length: 2\r\nConnection: keep-alive\r\n\r\n{}"), "{kept}");
     }
 
     #[test]

@@ -59,6 +59,8 @@ pub struct Identity {
     pub ctx: SslContext,
     /// Resumable sessions made with it (and only with it).
     pub cache: Option<SessionCache>,
+    /// Open connections made with it, for a long-running dispatcher.
+    pub pool: Option<crate::client::Pool>,
 }
 
 impl std::fmt::Debug for Identity {
@@ -181,7 +183,9 @@ fn make(cfg: &DispatcherConfig, cert: &Path, key: &Path, persistent: bool) -> Re
         (Some(dir), true) => SessionCache::open(dir, &pem),
         (Some(_), false) => Some(SessionCache::in_memory()),
     };
-    Ok(Identity { serial, cert_path: cert.to_path_buf(), ctx, cache })
+    // A one-shot CLI sends one request per agent: nothing to keep.
+    let pool = (!persistent && cfg.agent_keep_alive).then(crate::client::Pool::default);
+    Ok(Identity { serial, cert_path: cert.to_path_buf(), ctx, cache, pool })
 }
 
 /// Load the current identity and, during an overlap window, the previous

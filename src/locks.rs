@@ -12,7 +12,7 @@
 //! even when the names contain `--`.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -55,6 +55,21 @@ fn file_name(host: &str, script: &str) -> String {
     format!("{}--{}--{}.lock", clean(host), clean(script), crate::wire::hex(&digest[..8]))
 }
 
+/// Does the lock file (read from its start) hold exactly `names`?
+fn holds(f: &File, names: &str) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; names.len() + 1];
+    let mut got = 0;
+    while got < buf.len() {
+        match f.read_at(&mut buf[got..], got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(_) => return false,
+        }
+    }
+    buf[..got] == *names.as_bytes()
+}
+
 fn try_flock(f: &File) -> std::io::Result<bool> {
     // SAFETY: flock on a descriptor we own.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
@@ -78,6 +93,10 @@ impl Locks {
     fn open(&self, host: &str, script: &str) -> Result<(File, bool), FsError> {
         use std::os::unix::fs::MetadataExt;
         let path = self.dir.join(file_name(host, script));
+        // Lock files stay: after the first run of a pair this open succeeds.
+        if let Ok(f) = OpenOptions::new().read(true).write(true).open(&path) {
+            return Ok((f, true));
+        }
         let opened = OpenOptions::new().read(true).write(true).create_new(true).mode(0o660).open(&path);
         match opened {
             Ok(f) => {
@@ -112,13 +131,17 @@ impl Locks {
         let mut held = Held { files: Vec::new(), names: Vec::new() };
         let mut conflicts = Vec::new();
         for host in hosts {
-            let (mut f, writable) = self.open(host, script)?;
+            let (f, writable) = self.open(host, script)?;
             match try_flock(&f) {
                 Ok(true) => {
                     // Say whose lock this is (for list-locks); it is ours now.
-                    if writable {
+                    // Usually the file already says so (the same pair took
+                    // it before): then it is left alone.
+                    let names = format!("{host}\n{script}\n");
+                    if writable && !holds(&f, &names) {
+                        use std::os::unix::fs::FileExt;
                         let _ = f.set_len(0);
-                        let _ = f.write_all(format!("{host}\n{script}\n").as_bytes());
+                        let _ = f.write_all_at(names.as_bytes(), 0);
                     }
                     held.files.push(f);
                     held.names.push(format!("{host}:{script}"));
@@ -194,6 +217,22 @@ mod tests {
         drop(first);
         assert!(l.held().unwrap().is_empty());
         assert!(l.acquire(&hosts, "deploy").unwrap().is_ok());
+    }
+
+    #[test]
+    fn a_lock_file_names_its_pair_after_every_acquire() {
+        let d = tempfile::tempdir().unwrap();
+        let l = Locks::new(&d.path().join("locks"));
+        let path = d.path().join("locks/web1--deploy.lock");
+        drop(l.acquire(&["web1".into()], "deploy").unwrap().unwrap());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "web1\ndeploy\n");
+        // Garbage (longer, shorter, a prefix) is replaced from the start.
+        for junk in ["something much longer than the names\n", "w", "web1\ndeploy\nextra\n", ""] {
+            std::fs::write(&path, junk).unwrap();
+            drop(l.acquire(&["web1".into()], "deploy").unwrap().unwrap());
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), "web1\ndeploy\n", "after {junk:?}");
+        }
+        assert_eq!(l.held().unwrap(), vec![]);
     }
 
     #[test]

@@ -37,18 +37,27 @@ pub struct Peer {
     /// The TLS session was resumed (the certificate was checked in an
     /// earlier full handshake of the same ticket).
     pub resumed: bool,
+    /// This request came on a connection kept open after an earlier one.
+    pub kept: bool,
 }
 
 impl Peer {
     /// Build from the address, the raw serial and how the session started.
     pub fn new(ip: IpAddr, serial_raw: String, resumed: bool) -> Peer {
         let serial = crate::wire::canonical_serial(&serial_raw).unwrap_or_default();
-        Peer { ip, serial_raw, serial, resumed }
+        Peer { ip, serial_raw, serial, resumed, kept: false }
     }
 
-    /// `full` or `resumed`, for the audit trail.
+    /// `full`, `resumed` or `kept` (a connection kept open after an earlier
+    /// request), for the audit trail.
     pub fn tls(&self) -> &'static str {
-        if self.resumed { "resumed" } else { "full" }
+        if self.kept {
+            "kept"
+        } else if self.resumed {
+            "resumed"
+        } else {
+            "full"
+        }
     }
 }
 
@@ -91,12 +100,33 @@ fn error_reply(code: u16, msg: &str) -> Reply {
     reply(code, Obj::new().s("error", msg))
 }
 
+/// What [`handle`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Served {
+    /// The status sent (0 if none).
+    pub code: u16,
+    /// The reply said `Connection: keep-alive`: another request may follow.
+    pub keep: bool,
+}
+
 /// Answer one request on `conn`; the request must have arrived by
-/// `deadline`. Returns the status sent (0 if none).
-pub async fn handle<C: Conn>(conn: &mut C, peer: &Peer, state: &AgentState, deadline: std::time::Instant) -> u16 {
+/// `deadline`. With `may_keep`, a client that asked to keep the connection
+/// (`Connection: keep-alive`, our dispatcher's API server) is told it may;
+/// anyone else gets upstream's reply byte for byte and the connection ends.
+pub async fn handle<C: Conn>(
+    conn: &mut C,
+    peer: &Peer,
+    state: &AgentState,
+    deadline: std::time::Instant,
+    may_keep: bool,
+) -> Served {
     let peer_ip = peer.ip.to_string();
+    let mut keep = false;
+    // The revocation list and the serial gate are checked on every request,
+    // with the state of the moment: a kept connection loses its rights at
+    // the same reload as a new one.
     let r = if !peer.serial.is_empty() && state.revoked.contains(&peer.serial) {
-        audit::warn("revoked-cert", &[("PEER", &peer_ip), ("SERIAL", &peer.serial)]);
+        audit::warn("revoked-cert", &[("PEER", &peer_ip), ("SERIAL", &peer.serial), ("TLS", peer.tls())]);
         error_reply(403, "certificate revoked")
     } else {
         let limits = Limits::default();
@@ -106,17 +136,27 @@ pub async fn handle<C: Conn>(conn: &mut C, peer: &Peer, state: &AgentState, dead
                 audit::warn("request-timeout", &[("PEER", &peer_ip)]);
                 error_reply(408, "request timeout")
             }
-            Some(Err(HttpError::Io(_))) => return 0,
+            Some(Err(HttpError::Io(_))) => return Served { code: 0, keep: false },
+            // A kept connection the client closed instead of using it.
+            Some(Err(HttpError::Status(400, "empty request"))) if peer.kept => return Served { code: 0, keep: false },
             Some(Err(HttpError::Status(code, msg))) => {
                 audit::warn("bad-request", &[("PEER", &peer_ip), ("STATUS", &code.to_string()), ("REASON", msg)]);
                 error_reply(code, msg)
             }
-            Some(Ok(req)) => route(&req, peer, state).await,
+            Some(Ok(req)) => {
+                keep = may_keep && req.keep_alive;
+                route(&req, peer, state).await
+            }
         }
     };
-    match http::write_response(conn, r.code, &r.body).await {
-        Ok(()) => r.code,
-        Err(_) => 0,
+    let sent = if keep {
+        http::write_response_kept(conn, r.code, &r.body).await
+    } else {
+        http::write_response(conn, r.code, &r.body).await
+    };
+    match sent {
+        Ok(()) => Served { code: r.code, keep },
+        Err(_) => Served { code: 0, keep: false },
     }
 }
 

@@ -305,6 +305,25 @@ impl TlsStream {
         if ok { session.to_der().ok() } else { None }
     }
 
+    /// Nothing waits to be read: no buffered record, and the socket shows
+    /// neither data nor a close. An idle kept connection must be quiet.
+    pub fn quiet(&self) -> bool {
+        if self.s.ssl().pending() > 0 {
+            return false;
+        }
+        let mut b = [0u8; 1];
+        // The socket is non-blocking (Async): WouldBlock means nothing arrived.
+        matches!(self.s.get_ref().0.get_ref().peek(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// Wait until there is something to read (data, or the peer's close).
+    pub async fn readable(&self) -> io::Result<()> {
+        if self.s.ssl().pending() > 0 {
+            return Ok(());
+        }
+        self.s.get_ref().0.readable().await
+    }
+
     /// Read some bytes; `Ok(0)` at end of stream.
     pub async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match Self::drive(&mut self.s, |s| s.ssl_read(buf)).await {
