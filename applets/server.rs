@@ -58,7 +58,16 @@ struct App {
     engine: Engine,
     tls: Option<SslContext>,
     store: RunStore,
+    /// Requests being served (`api_max_children`).
+    live: Rc<Cell<usize>>,
+    /// Client connections kept open, waiting for their next request.
+    idle: Rc<Cell<usize>>,
+    /// SIGTERM came: no connection is kept any more.
+    stopping: Cell<bool>,
 }
+
+/// Most requests one kept client connection carries.
+const KEPT_REQUESTS: u32 = 1000;
 
 /// Entry point of the API server role.
 pub fn main(invoked: &str, args: &[String]) -> AppResult {
@@ -83,7 +92,14 @@ pub fn main(invoked: &str, args: &[String]) -> AppResult {
     let scheme = if tls.is_some() { "https" } else { "http" };
     let engine =
         Engine::open(cfg, false).map_err(|e| Fail::new(format!("cannot load the dispatcher identity: {e}")))?;
-    let app = App { engine, tls, store };
+    let app = App {
+        engine,
+        tls,
+        store,
+        live: Rc::new(Cell::new(0)),
+        idle: Rc::new(Cell::new(0)),
+        stopping: Cell::new(false),
+    };
     audit::info(
         "api-start",
         &[
@@ -106,7 +122,7 @@ enum Event {
 }
 
 async fn accept_loop<'a>(ex: &LocalExecutor<'a>, app: &'a App, listener: Async<TcpListener>, mut signals: Signals) {
-    let live = Rc::new(Cell::new(0usize));
+    let live = app.live.clone();
     loop {
         let ev = smol::future::or(async { Event::Conn(listener.accept().await) }, async {
             match signals.next().await {
@@ -144,6 +160,7 @@ async fn accept_loop<'a>(ex: &LocalExecutor<'a>, app: &'a App, listener: Async<T
         }
     }
     drop(listener);
+    app.stopping.set(true);
     let deadline = Instant::now() + Duration::from_secs(30);
     while live.get() > 0 && Instant::now() < deadline {
         Timer::after(Duration::from_millis(50)).await;
@@ -172,6 +189,14 @@ impl Conn for ApiConn {
 }
 
 impl ApiConn {
+    /// Wait until the client sends something (or closes).
+    async fn readable(&self) -> std::io::Result<()> {
+        match self {
+            ApiConn::Plain(s) => s.readable().await,
+            ApiConn::Tls(s) => s.readable().await,
+        }
+    }
+
     /// Stop writing, then drain what the client still sends for a moment, so
     /// it reads our reply instead of a reset.
     async fn close(self) {
@@ -210,8 +235,17 @@ fn error(code: u16, class: &str, detail: &str) -> Reply {
 
 /// One connection; `live` is released once the reply is written (the
 /// lingering close after it does not hold a slot).
+///
+/// A client that asks for it (`Connection: keep-alive`, as HTTP/1.1
+/// clients and `wrk` do) may send further requests on the connection: each
+/// waits at most `api_keep_alive`, takes an `api_max_children` slot when it
+/// arrives (503 and close when none is free) and is handled like a request
+/// on a new connection. The connection ends after [`KEPT_REQUESTS`]
+/// requests, on SIGTERM, and is not kept while `api_max_children`
+/// connections are already waiting.
 async fn connection(app: &App, tcp: Async<TcpStream>, peer: IpAddr, overloaded: Option<usize>, live: Live) {
-    let deadline = Instant::now() + REQUEST_TIMEOUT;
+    // One deadline for the handshake and the first request; then one per request.
+    let mut deadline = Instant::now() + REQUEST_TIMEOUT;
     let peer_s = peer.to_string();
     let mut conn = match &app.tls {
         None => ApiConn::Plain(tcp),
@@ -227,30 +261,65 @@ async fn connection(app: &App, tcp: Async<TcpStream>, peer: IpAddr, overloaded: 
             }
         },
     };
-    let (code, body) = if let Some(n) = overloaded {
-        audit::warn("api-overload", &[("PEER", &peer_s), ("LIVE", &n.to_string())]);
-        error(503, "service unavailable", "too many concurrent requests")
-    } else {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match ctrl_exec::time::timeout(left, http::read_request(&mut conn, &Limits::default())).await {
-            None => error(408, "request timeout", "the request did not arrive in time"),
-            Some(Err(HttpError::Io(_))) => return,
-            Some(Err(HttpError::Status(413, _))) => error(413, "payload too large", "body exceeds 1048576 bytes"),
-            Some(Err(HttpError::Status(431, _))) => {
-                error(431, "request header fields too large", "more than 32 header lines")
+    let cfg = &app.engine.cfg;
+    let mut overloaded = overloaded;
+    let mut live = Some(live);
+    let mut n = 0u32;
+    loop {
+        n += 1;
+        let may_keep = !cfg.api_keep_alive.is_zero()
+            && !app.stopping.get()
+            && n < KEPT_REQUESTS
+            && app.idle.get() < cfg.api_max_children;
+        let ((code, body), keep) = if let Some(busy) = overloaded {
+            audit::warn("api-overload", &[("PEER", &peer_s), ("LIVE", &busy.to_string())]);
+            (error(503, "service unavailable", "too many concurrent requests"), false)
+        } else {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match ctrl_exec::time::timeout(left, http::read_request(&mut conn, &Limits::default())).await {
+                None => (error(408, "request timeout", "the request did not arrive in time"), false),
+                Some(Err(HttpError::Io(_))) => break,
+                // A kept connection the client closed instead of using it.
+                Some(Err(HttpError::Status(400, "empty request"))) if n > 1 => break,
+                Some(Err(HttpError::Status(413, _))) => {
+                    (error(413, "payload too large", "body exceeds 1048576 bytes"), false)
+                }
+                Some(Err(HttpError::Status(431, _))) => {
+                    (error(431, "request header fields too large", "more than 32 header lines"), false)
+                }
+                Some(Err(HttpError::Status(c, m))) => (error(c, "bad request", m), false),
+                Some(Ok(req)) => {
+                    let len = req.body.len().to_string();
+                    audit::info(
+                        "api-request",
+                        &[("METHOD", &req.method), ("PATH", &req.path), ("PEER", &peer_s), ("LEN", &len)],
+                    );
+                    (handle(app, &req, peer).await, may_keep && req.keep_alive)
+                }
             }
-            Some(Err(HttpError::Status(c, m))) => error(c, "bad request", m),
-            Some(Ok(req)) => {
-                let len = req.body.len().to_string();
-                audit::info(
-                    "api-request",
-                    &[("METHOD", &req.method), ("PATH", &req.path), ("PEER", &peer_s), ("LEN", &len)],
-                );
-                handle(app, &req, peer).await
-            }
+        };
+        let sent = if keep {
+            http::write_response_kept(&mut conn, code, &body).await
+        } else {
+            http::write_response(&mut conn, code, &body).await
+        };
+        live = None;
+        if !keep || sent.is_err() {
+            break;
         }
-    };
-    let _ = http::write_response(&mut conn, code, &body).await;
+        // Wait, without a slot, for the next request.
+        app.idle.set(app.idle.get() + 1);
+        let waiting = Live(app.idle.clone());
+        let arrived = ctrl_exec::time::timeout(cfg.api_keep_alive, conn.readable()).await;
+        drop(waiting);
+        if !matches!(arrived, Some(Ok(()))) || app.stopping.get() {
+            break;
+        }
+        deadline = Instant::now() + REQUEST_TIMEOUT;
+        overloaded = (app.live.get() >= cfg.api_max_children).then_some(app.live.get());
+        app.live.set(app.live.get() + 1);
+        live = Some(Live(app.live.clone()));
+    }
     drop(live);
     conn.close().await;
 }

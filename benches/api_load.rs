@@ -8,6 +8,11 @@
 //! dispatcher lock for its host and script, so clients sharing one script
 //! would mostly measure 409s. A request counts as ok when the API answers 200
 //! and the agent's exit is 0; `locked` counts 409s (which should stay 0).
+//!
+//! With `API_LOAD_KEEP=1` in the environment each client keeps its
+//! connection open (`Connection: keep-alive`, as `wrk` and HTTP/1.1 client
+//! libraries do) and reconnects only when the server closes it; otherwise
+//! every request opens a new connection.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -19,6 +24,68 @@ enum Outcome {
     Ok,
     Locked,
     Failed,
+}
+
+/// Judge one response.
+fn outcome(text: &str) -> Outcome {
+    if text.starts_with("HTTP/1.0 200") && text.contains(r#""exit":0"#) {
+        Outcome::Ok
+    } else if text.starts_with("HTTP/1.0 409") {
+        Outcome::Locked
+    } else {
+        Outcome::Failed
+    }
+}
+
+/// One request on a kept connection (opened when `conn` is empty); the
+/// connection stays in `conn` if the server agreed to keep it.
+fn kept(conn: &mut Option<TcpStream>, port: u16, host: &str, script: &str) -> Outcome {
+    let body = format!(r#"{{"hosts":["{host}"],"script":"{script}"}}"#);
+    let req = format!(
+        "POST /run HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: keep-alive\r\n\r\n{body}",
+        body.len()
+    );
+    if conn.is_none() {
+        let Ok(s) = TcpStream::connect(("127.0.0.1", port)) else { return Outcome::Failed };
+        let _ = s.set_nodelay(true);
+        *conn = Some(s);
+    }
+    let s = conn.as_mut().unwrap();
+    if s.write_all(req.as_bytes()).is_err() {
+        *conn = None;
+        return Outcome::Failed;
+    }
+    // Head, then Content-Length bytes of body.
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    let (head_end, len) = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+            let len = head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse().ok());
+            break (i + 4, len.unwrap_or(0usize));
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => {
+                *conn = None;
+                return Outcome::Failed;
+            }
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    while buf.len() < head_end + len {
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => {
+                *conn = None;
+                return Outcome::Failed;
+            }
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&buf);
+    if !text[..head_end].to_ascii_lowercase().contains("connection: keep-alive") {
+        *conn = None;
+    }
+    outcome(&text)
 }
 
 fn one(port: u16, host: &str, script: &str) -> Outcome {
@@ -36,14 +103,7 @@ fn one(port: u16, host: &str, script: &str) -> Outcome {
     if s.read_to_end(&mut out).is_err() {
         return Outcome::Failed;
     }
-    let text = String::from_utf8_lossy(&out);
-    if text.starts_with("HTTP/1.0 200") && text.contains(r#""exit":0"#) {
-        Outcome::Ok
-    } else if text.starts_with("HTTP/1.0 409") {
-        Outcome::Locked
-    } else {
-        Outcome::Failed
-    }
+    outcome(&String::from_utf8_lossy(&out))
 }
 
 fn main() {
@@ -61,6 +121,7 @@ fn main() {
     let lat = Arc::new(Mutex::new(Vec::<f64>::new()));
     let errors = Arc::new(AtomicUsize::new(0));
     let locked = Arc::new(AtomicUsize::new(0));
+    let keep = std::env::var("API_LOAD_KEEP").is_ok_and(|v| v == "1");
     let start = Instant::now();
     let threads: Vec<_> = (0..clients)
         .map(|i| {
@@ -69,10 +130,12 @@ fn main() {
             std::thread::spawn(move || {
                 let mut mine = Vec::new();
                 let script = format!("trivial-{i}");
+                let mut conn = None;
                 while !stop.load(Ordering::Relaxed) {
                     let h = &hosts[next.fetch_add(1, Ordering::Relaxed) % hosts.len()];
                     let t = Instant::now();
-                    match one(port, h, &script) {
+                    let r = if keep { kept(&mut conn, port, h, &script) } else { one(port, h, &script) };
+                    match r {
                         Outcome::Ok => mine.push(t.elapsed().as_secs_f64() * 1000.0),
                         Outcome::Locked => _ = locked.fetch_add(1, Ordering::Relaxed),
                         Outcome::Failed => _ = errors.fetch_add(1, Ordering::Relaxed),

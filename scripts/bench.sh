@@ -163,6 +163,9 @@ if [ -n "${PERF_OUT:-}" ]; then
 fi
 wait "$LOAD_PID"
 API_LOAD=$(cat "$WORK/load")
+# The same with each client keeping its connection to the API open, as wrk
+# and HTTP/1.1 client libraries do.
+API_KEEP=$(API_LOAD_KEEP=1 "$LOADGEN" "$API_PORT" 32 "${API_SECS:-10}" "${NAMES[@]:0:10}")
 
 # Per target: whatever `make cross` / `make static` has built.
 TARGET_ROWS=""
@@ -207,6 +210,7 @@ binary: $BIN
   binary size                             ${SIZE} bytes (gzip -9: ${GZ} bytes)
   mips agent idle under qemu-mips-static  ${MIPS_RSS}
   API POST /run, 32 clients, 10 agents    ${API_LOAD}   (targets: >= 1000 rps, median <= 25 ms)
+    the same, clients keep connections    ${API_KEEP}
   API server RSS, idle / under that load  ${API_RSS_IDLE} / ${API_RSS_LOAD} KiB
 
 per target (static, release profile: opt-level z, LTO, panic=abort, stripped, trimmed OpenSSL):

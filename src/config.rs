@@ -448,6 +448,9 @@ pub struct DispatcherConfig {
     pub key_type: KeyType,
     /// Where resumable TLS sessions are kept (`None`: always full handshakes).
     pub tls_session_cache: Option<PathBuf>,
+    /// How long an API client connection that asked to be kept open
+    /// (`Connection: keep-alive`) waits for its next request (0: never kept).
+    pub api_keep_alive: Duration,
     /// The API server keeps agent connections open between requests
     /// (`agent_keep_alive`, default on; agents that do not agree close them).
     pub agent_keep_alive: bool,
@@ -564,6 +567,7 @@ impl DispatcherConfig {
                 Some((_, e)) if !e.value.is_empty() => Some(raw.resolve(&e.value)),
                 _ => Some(registry_dir.parent().unwrap_or(Path::new("/var/lib/ctrl-exec")).join("tls-sessions")),
             },
+            api_keep_alive: raw.secs(&["api_keep_alive"], 5, 0, 300)?,
             agent_keep_alive: raw.choice("agent_keep_alive", "on", &["on", "off"])? == "on",
             runs_dir: raw
                 .opt_path("runs_dir")

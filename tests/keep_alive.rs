@@ -166,3 +166,47 @@ fn the_agent_keeps_a_connection_only_when_asked_and_only_while_it_is_used() {
     assert_eq!(all.matches("HTTP/1.0 200").count(), 1, "{all}");
     assert!(!all.contains("Connection: keep-alive"), "{all}");
 }
+
+#[test]
+fn api_clients_may_keep_their_connection_too() {
+    let d = Dispatcher::new();
+    let _a = d.agent("a1");
+    let api = Api::start(&d, "api_auth_default = allow\napi_keep_alive = 1");
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", api.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let body = r#"{"hosts":["a1"],"script":"echo","args":["k"]}"#;
+    for i in 0..3 {
+        let req = if i == 1 {
+            "GET /health HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n".to_string()
+        } else {
+            format!(
+                "POST /run HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+        };
+        s.write_all(req.as_bytes()).unwrap();
+        let (head, reply) = read_reply(&mut s);
+        assert!(head.starts_with("HTTP/1.0 200 OK\r\n"), "{head}{reply}");
+        assert!(head.contains("\r\nConnection: keep-alive\r\n"), "{head}");
+        if i != 1 {
+            assert_eq!(jstr(&results(&json(&reply))[0], "stdout"), "[k]\n", "{reply}");
+        }
+    }
+    // Idle past api_keep_alive: closed.
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    assert_eq!(api.log().matches("ACTION=api-request").count(), 3, "{}", api.log());
+    // Without the header: upstream's one request per connection.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", api.port)).unwrap();
+    s.write_all(b"GET /health HTTP/1.0\r\n\r\n").unwrap();
+    let mut all = String::new();
+    s.read_to_string(&mut all).unwrap();
+    assert!(all.starts_with("HTTP/1.0 200 OK\r\n") && !all.contains("Connection"), "{all}");
+    // A request that cannot be framed ends the connection whatever was asked.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", api.port)).unwrap();
+    s.write_all(b"POST /run HTTP/1.1\r\nConnection: keep-alive\r\nContent-Length: five\r\n\r\n{nope}").unwrap();
+    let mut all = String::new();
+    s.read_to_string(&mut all).unwrap();
+    assert!(all.starts_with("HTTP/1.0 400") && !all.contains("keep-alive"), "{all}");
+}
