@@ -34,11 +34,20 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Below the kernel's usual ephemeral range (32768-60999), so a port that
+# tests free is not taken a moment later as the source port of an outgoing
+# connection.
+# Each port is handed out once per bench ($WORK/used), since an agent may
+# not listen yet when the next port is chosen.
 free_port() {
     local p
     while :; do
-        p=$((20000 + RANDOM % 40000))
-        (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }
+        p=$((20000 + RANDOM % 12000))
+        grep -qx "$p" "$WORK/used" 2>/dev/null && continue
+        (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null && continue
+        echo "$p" >> "$WORK/used"
+        echo "$p"
+        return
     done
 }
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
