@@ -842,12 +842,18 @@ mod tests {
         assert_eq!(keys.len(), 12);
     }
 
-    #[test]
-    fn queue_lock_tells_whether_a_listener_holds_the_request() {
+    /// A queue in a temporary directory holding one request with this id.
+    fn queue_of(id: &str) -> (tempfile::TempDir, Queue, Pending, Hold) {
         let d = tempfile::tempdir().unwrap();
         let q = Queue::new(d.path());
-        let p = Pending::parse(r#"{"id":"00000000000000a1","hostname":"h","csr":"c","source_ip":"10.0.0.1"}"#).unwrap();
+        let p = Pending::parse(&format!(r#"{{"id":"{id}","hostname":"h","csr":"c","source_ip":"10.0.0.1"}}"#)).unwrap();
         let hold = q.enqueue(&p).unwrap();
+        (d, q, p, hold)
+    }
+
+    #[test]
+    fn queue_lock_tells_whether_a_listener_holds_the_request() {
+        let (_d, q, p, hold) = queue_of("00000000000000a1");
         assert!(q.held(&p.id));
         assert_eq!(q.expire(), 0);
         assert_eq!(q.list().len(), 1);
@@ -866,10 +872,7 @@ mod tests {
 
     #[test]
     fn removing_a_request_sweeps_what_a_killed_writer_left() {
-        let d = tempfile::tempdir().unwrap();
-        let q = Queue::new(d.path());
-        let p = Pending::parse(r#"{"id":"00000000000000b2","hostname":"h","csr":"c","source_ip":"10.0.0.1"}"#).unwrap();
-        let _hold = q.enqueue(&p).unwrap();
+        let (d, q, p, _hold) = queue_of("00000000000000b2");
         let left = d.path().join(".00000000000000b2.approved.tmp-123-abcdef");
         let other = d.path().join(".00000000000000c3.approved.tmp-123-abcdef");
         std::fs::write(&left, "{").unwrap();
