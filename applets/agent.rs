@@ -435,8 +435,7 @@ async fn accept_loop(
                 if live.get() >= state.config.max_children {
                     // Answer 503 when we can afford the handshake; beyond that, just close.
                     if rejecting.get() < 32 {
-                        rejecting.set(rejecting.get() + 1);
-                        let guard = Live(rejecting.clone());
+                        let guard = Live::enter(&rejecting);
                         let n = live.get();
                         ex.spawn(async move {
                             let _g = guard;
@@ -446,8 +445,7 @@ async fn accept_loop(
                     }
                     continue;
                 }
-                live.set(live.get() + 1);
-                let guard = Live(live.clone());
+                let guard = Live::enter(&live);
                 let shared = shared.clone();
                 ex.spawn(async move { connection(tcp, addr, &tls, state, &shared, guard).await }).detach();
             }
@@ -564,12 +562,7 @@ async fn connection(
     drop(live);
     let mut n = 1;
     while served.keep {
-        let wait = state.config.keep_alive;
-        shared.idle.set(shared.idle.get() + 1);
-        let waiting = Live(shared.idle.clone());
-        let arrived = ctrl_exec::time::timeout(wait, s.readable()).await;
-        drop(waiting);
-        if !matches!(arrived, Some(Ok(()))) || shared.stopping.get() {
+        if !common::next_request(&shared.idle, state.config.keep_alive, s.readable()).await || shared.stopping.get() {
             break;
         }
         let (state, _) = shared.fresh();
@@ -579,8 +572,7 @@ async fn connection(
             let _ = ctrl_exec::http::write_response(&mut s, r.code, &r.body).await;
             break;
         }
-        shared.live.set(shared.live.get() + 1);
-        let live = Live(shared.live.clone());
+        let live = Live::enter(&shared.live);
         n += 1;
         peer.kept = true;
         let deadline = Instant::now() + state.config.request_timeout;

@@ -59,7 +59,27 @@ pub fn missing(paths: &[&Path]) -> Vec<String> {
 }
 
 /// Counts a live connection until dropped (the listeners' `max_children`).
-pub struct Live(pub Rc<Cell<usize>>);
+pub struct Live(Rc<Cell<usize>>);
+
+impl Live {
+    /// Count one more in `n` until the guard is dropped.
+    pub fn enter(n: &Rc<Cell<usize>>) -> Live {
+        n.set(n.get() + 1);
+        Live(n.clone())
+    }
+}
+
+/// Wait up to `wait` for the next request on a kept connection (`ready`:
+/// the connection becomes readable), counted in `idle` meanwhile. True if
+/// something arrived: data, or the peer's close.
+pub async fn next_request(
+    idle: &Rc<Cell<usize>>,
+    wait: std::time::Duration,
+    ready: impl std::future::Future<Output = std::io::Result<()>>,
+) -> bool {
+    let _waiting = Live::enter(idle);
+    matches!(ctrl_exec::time::timeout(wait, ready).await, Some(Ok(())))
+}
 
 impl Drop for Live {
     fn drop(&mut self) {

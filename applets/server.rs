@@ -136,8 +136,7 @@ async fn accept_loop<'a>(ex: &LocalExecutor<'a>, app: &'a App, listener: Async<T
                 let _ = tcp.get_ref().set_nodelay(true);
                 let peer = peer_ip(&addr);
                 let overloaded = live.get() >= app.engine.cfg.api_max_children;
-                live.set(live.get() + 1);
-                let guard = Live(live.clone());
+                let guard = Live::enter(&live);
                 let n = live.get();
                 ex.spawn(connection(app, tcp, peer, overloaded.then_some(n), guard)).detach();
             }
@@ -308,17 +307,12 @@ async fn connection(app: &App, tcp: Async<TcpStream>, peer: IpAddr, overloaded: 
             break;
         }
         // Wait, without a slot, for the next request.
-        app.idle.set(app.idle.get() + 1);
-        let waiting = Live(app.idle.clone());
-        let arrived = ctrl_exec::time::timeout(cfg.api_keep_alive, conn.readable()).await;
-        drop(waiting);
-        if !matches!(arrived, Some(Ok(()))) || app.stopping.get() {
+        if !common::next_request(&app.idle, cfg.api_keep_alive, conn.readable()).await || app.stopping.get() {
             break;
         }
         deadline = Instant::now() + REQUEST_TIMEOUT;
         overloaded = (app.live.get() >= cfg.api_max_children).then_some(app.live.get());
-        app.live.set(app.live.get() + 1);
-        live = Some(Live(app.live.clone()));
+        live = Some(Live::enter(&app.live));
     }
     drop(live);
     conn.close().await;

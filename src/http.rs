@@ -327,7 +327,7 @@ pub async fn read_response<C: Conn>(c: &mut C, max_body: usize) -> Result<Respon
     let len = content_length(&headers)
         .map_err(|_| HttpError::Io(io::Error::new(io::ErrorKind::InvalidData, "invalid Content-Length")))?;
     let mut body = buf.split_off(end);
-    let mut trailing = len.is_some_and(|l| body.len() > l);
+    let trailing = len.is_some_and(|l| body.len() > l);
     let limit = len.unwrap_or(max_body).min(max_body);
     if len.is_some_and(|l| l > max_body) {
         return Err(HttpError::Io(io::Error::new(io::ErrorKind::InvalidData, "response too large")));
@@ -343,7 +343,6 @@ pub async fn read_response<C: Conn>(c: &mut C, max_body: usize) -> Result<Respon
         body.extend_from_slice(&chunk[..n]);
     }
     if let Some(l) = len {
-        trailing |= body.len() > l;
         if body.len() < l {
             return Err(HttpError::Io(io::Error::new(
                 io::ErrorKind::UnexpectedEof,

@@ -690,8 +690,7 @@ async fn accept_loop<'a>(
                 if s.limit.borrow().as_ref().is_some_and(|l| l.is_blocked(ip, Instant::now())) {
                     continue;
                 }
-                live.set(live.get() + 1);
-                let guard = Live(live.clone());
+                let guard = Live::enter(&live);
                 ex.spawn(connection(s, tcp, ip, guard)).detach();
             }
             Event::Conn(Err(e)) => {
