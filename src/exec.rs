@@ -304,7 +304,7 @@ mod tests {
         s.stdin = b"{\"reqid\":\"x\"}".to_vec();
         let o = smol::block_on(run(&s));
         let out = String::from_utf8(o.stdout).unwrap();
-        assert_eq!(o.exit, 3);
+        assert_eq!(o.exit, 3, "{}", String::from_utf8_lossy(&o.stderr));
         assert!(out.starts_with("[a b][$(id)][][;rm]\n{\"reqid\":\"x\"}\n"), "{out}");
         assert!(out.contains(&format!("PATH={SAFE_PATH}")), "{out}");
         for line in out.lines().skip(2) {
