@@ -282,6 +282,19 @@ pub async fn run(spec: &Spec) -> Outcome {
     }
 }
 
+/// Write an executable script for a test without this process ever
+/// holding it open for writing: `cp` writes it. A test thread spawning a
+/// process at the same moment would otherwise carry our write descriptor
+/// into its child until that child's exec, and the script's own exec would
+/// then fail with "Text file busy" (ETXTBSY).
+#[cfg(test)]
+pub(crate) fn write_script(p: &std::path::Path, text: &str) {
+    let src = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(src.path(), text).unwrap();
+    assert!(std::process::Command::new("cp").arg(src.path()).arg(p).status().unwrap().success());
+    std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,8 +303,7 @@ mod tests {
         let d = std::env::temp_dir().join(format!("ce-exec-{}", crate::wire::new_reqid()));
         std::fs::create_dir_all(&d).unwrap();
         let p = d.join("s.sh");
-        std::fs::write(&p, format!("#!/bin/sh\n{script}\n")).unwrap();
-        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        write_script(&p, &format!("#!/bin/sh\n{script}\n"));
         Spec::new(p, args.iter().map(|s| s.to_string()).collect(), b"{\"ctx\":1}".to_vec())
     }
 

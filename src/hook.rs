@@ -224,8 +224,7 @@ mod tests {
     fn hook(body: &str) -> (tempfile::TempDir, std::path::PathBuf) {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("hook");
-        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
-        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        crate::exec::write_script(&p, &format!("#!/bin/sh\n{body}\n"));
         (d, p)
     }
 

@@ -21,8 +21,14 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// Write an executable without this (multi-threaded) test process holding
+/// it open for writing: `cp` writes it. Otherwise a process spawned by
+/// another test thread at that moment can carry the write descriptor until
+/// its exec, and executing the file fails with "Text file busy".
 pub fn write_exec(path: &Path, body: &str) {
-    std::fs::write(path, body).unwrap();
+    let src = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(src.path(), body).unwrap();
+    assert!(Command::new("cp").arg(src.path()).arg(path).status().unwrap().success());
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
 }
 
